@@ -1,0 +1,29 @@
+// Thin torch-facing launchers for the CUDA kernels; the .cu files stay free of torch headers.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../ops.h"
+#include "../philox.h"
+
+namespace cbd_fast {
+
+void launch_fill_coalitions(bool* out, int64_t num_samples, int64_t batch, int64_t len, uint32_t side, uint64_t seed,
+                            cudaStream_t stream);
+
+void fill_coalitions_cuda(at::Tensor& text_in, at::Tensor& image_in, int64_t seed) {
+  TORCH_CHECK(text_in.scalar_type() == at::kBool && image_in.scalar_type() == at::kBool,
+              "fill_coalitions: text_in and image_in must be bool");
+  TORCH_CHECK(text_in.dim() == 3 && image_in.dim() == 3, "fill_coalitions: expected text_in[K,B,T], image_in[K,B,V]");
+  TORCH_CHECK(text_in.is_contiguous() && image_in.is_contiguous(), "fill_coalitions: outputs must be contiguous");
+  const c10::cuda::CUDAGuard guard(text_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto useed = static_cast<uint64_t>(seed);
+  launch_fill_coalitions(text_in.data_ptr<bool>(), text_in.size(0), text_in.size(1), text_in.size(2), kTextSide,
+                         useed, stream);
+  launch_fill_coalitions(image_in.data_ptr<bool>(), image_in.size(0), image_in.size(1), image_in.size(2), kImageSide,
+                         useed, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cbd_fast

@@ -1,0 +1,43 @@
+// Kernel entry points of cbd_fast, one group per op; registered for their dispatch keys in ops.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <tuple>
+
+namespace cbd_fast {
+
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// coalitions: fill bool text_in[K,B,T] and image_in[K,B,V] with the Philox stream of DESIGN §4.2.
+void fill_coalitions_cpu(at::Tensor& text_in, at::Tensor& image_in, int64_t seed);
+void fill_coalitions_cuda(at::Tensor& text_in, at::Tensor& image_in, int64_t seed);
+
+// banzhaf_interaction: (interaction[B,T,V], text_value[B,T], image_value[B,V]) from sim[B,T,V].
+Tensor3 banzhaf_interaction_cpu(const at::Tensor& sim, const at::Tensor& text_mask, const at::Tensor& image_mask,
+                                const at::Tensor& text_weight, const at::Tensor& image_weight, int64_t num_samples,
+                                int64_t seed, c10::string_view estimator);
+// Returns (grad_sim, grad_text_weight, grad_image_weight).
+Tensor3 banzhaf_interaction_backward_cpu(const at::Tensor& grad_interaction, const at::Tensor& grad_text_value,
+                                         const at::Tensor& grad_image_value, const at::Tensor& sim,
+                                         const at::Tensor& text_mask, const at::Tensor& image_mask,
+                                         const at::Tensor& text_weight, const at::Tensor& image_weight,
+                                         int64_t num_samples, int64_t seed, c10::string_view estimator);
+
+// maxsim: score[Bt,Bi] plus what the backward needs, O(Bt*Bi*(T+V)) memory:
+// (score, text_argmax[Bt,Bi,T] int32, image_argmax[Bt,Bi,V] int32, text_max[Bt,Bi,T], image_max[Bt,Bi,V]).
+Tensor5 maxsim_forward_cpu(const at::Tensor& text, const at::Tensor& image, const at::Tensor& text_mask,
+                           const at::Tensor& image_mask, const at::Tensor& text_weight,
+                           const at::Tensor& image_weight, c10::string_view reduction);
+// Returns (grad_text, grad_image, grad_text_weight, grad_image_weight).
+Tensor4 maxsim_backward_cpu(const at::Tensor& grad_score, const at::Tensor& text, const at::Tensor& image,
+                            const at::Tensor& text_mask, const at::Tensor& image_mask,
+                            const at::Tensor& text_weight, const at::Tensor& image_weight,
+                            c10::string_view reduction, const at::Tensor& text_argmax,
+                            const at::Tensor& image_argmax, const at::Tensor& text_max,
+                            const at::Tensor& image_max);
+
+}  // namespace cbd_fast

@@ -1,0 +1,1 @@
+"""Triton kernels of cbd_fast (installed as ``cbd_fast.kernels``)."""
