@@ -23,12 +23,26 @@ except ImportError:
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _find_cuda_home():
+    """torch's guess of the toolkit, corrected when nvcc on PATH is a wrapper outside the toolkit."""
+    home = cpp_extension.CUDA_HOME
+    if home and not os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+        for candidate in ("/usr/local/cuda",):
+            if os.path.exists(os.path.join(candidate, "include", "cuda_runtime_api.h")):
+                cpp_extension.CUDA_HOME = candidate  # read by CUDAExtension and BuildExtension at build time
+                home = candidate
+                break
+        else:
+            return None
+    return home
+
+
 def _want_cuda() -> bool:
     mode = os.environ.get("CBD_FAST_CUDA", "auto").strip().lower()
     if mode not in ("0", "1", "auto"):
         sys.exit(f"CBD_FAST_CUDA must be 0, 1 or auto, got {mode!r}")
-    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and os.path.exists(
-        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    home = _find_cuda_home() if torch.version.cuda is not None else None
+    available = home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
     if mode == "1" and not available:
         sys.exit("CBD_FAST_CUDA=1 but the installed torch is not a CUDA build or nvcc was not found "
                  f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})")
@@ -38,7 +52,7 @@ def _want_cuda() -> bool:
 def _extension():
     with_cuda = _want_cuda()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
     define_macros = [("CBD_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
     extra = {"cxx": cxx_flags}
     if with_cuda:
@@ -49,7 +63,7 @@ def _extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         define_macros += [("CBD_FAST_WITH_CUDA", None), ("CBD_FAST_CUDA_VERSION", f'"{torch.version.cuda}"'),
                           ("CBD_FAST_CUDA_ARCH_LIST", f'"{arch}"')]
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         if os.environ.get("CBD_FAST_PTXAS_VERBOSE", "0") == "1":
             nvcc_flags.append("-Xptxas=-v")
         extra["nvcc"] = nvcc_flags

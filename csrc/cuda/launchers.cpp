@@ -1,6 +1,7 @@
 // Thin torch-facing launchers for the CUDA kernels; the .cu files stay free of torch headers.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../ops.h"
@@ -17,7 +18,7 @@ void fill_coalitions_cuda(at::Tensor& text_in, at::Tensor& image_in, int64_t see
   TORCH_CHECK(text_in.dim() == 3 && image_in.dim() == 3, "fill_coalitions: expected text_in[K,B,T], image_in[K,B,V]");
   TORCH_CHECK(text_in.is_contiguous() && image_in.is_contiguous(), "fill_coalitions: outputs must be contiguous");
   const c10::cuda::CUDAGuard guard(text_in.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto useed = static_cast<uint64_t>(seed);
   launch_fill_coalitions(text_in.data_ptr<bool>(), text_in.size(0), text_in.size(1), text_in.size(2), kTextSide,
                          useed, stream);
