@@ -1,5 +1,20 @@
-"""cbd_fast: fused kernels for Coalition Banzhaf Distillation."""
-from ._ops import build_info, has_extension
+"""cbd_fast: fused kernels for Coalition Banzhaf Distillation.
 
-__all__ = ["build_info", "has_extension"]
+Public ops: :func:`banzhaf_interaction`, :func:`banzhaf_interaction_from_tokens`, :func:`coalitions`;
+plain-PyTorch definitions live in :mod:`cbd_fast.reference`.
+"""
+from . import reference
+from ._ops import build_info, has_extension
+from .banzhaf import BanzhafResult, banzhaf_interaction, banzhaf_interaction_from_tokens
+from .coalitions import coalitions
+
+__all__ = [
+    "BanzhafResult",
+    "banzhaf_interaction",
+    "banzhaf_interaction_from_tokens",
+    "build_info",
+    "coalitions",
+    "has_extension",
+    "reference",
+]
 __version__ = "0.1.0"

@@ -35,16 +35,18 @@ def coalition_value(sim: torch.Tensor, text_in: torch.Tensor, image_in: torch.Te
     sim[..., T, V]; text_in[..., T] and image_in[..., V] bool membership (already restricted to valid tokens);
     text_w[..., T], image_w[..., V] positive token weights. Returns v[...]; 0 when A or C is empty.
     """
-    row_max = masked_max(sim, image_in.unsqueeze(-2), dim=-1)  # r_t(C)   [..., T]
-    col_max = masked_max(sim, text_in.unsqueeze(-1), dim=-2)  # c_u(A)   [..., V]
+    text_any, image_any = text_in.any(-1, keepdim=True), image_in.any(-1, keepdim=True)
+    # A max over an empty set is -inf; such terms are excluded, and replaced by 0 so no inf or nan reaches the
+    # sums or their gradients.
+    row_max = torch.where(text_in & image_any, masked_max(sim, image_in.unsqueeze(-2), dim=-1), 0.0)  # r_t(C)
+    col_max = torch.where(image_in & text_any, masked_max(sim, text_in.unsqueeze(-1), dim=-2), 0.0)  # c_u(A)
     text_w = torch.where(text_in, text_w, 0.0)
     image_w = torch.where(image_in, image_w, 0.0)
-    nonempty = text_in.any(-1) & image_in.any(-1)
-    # Non-members carry weight 0; replace their -inf so 0 * -inf does not poison the sums.
-    text_term = (text_w * torch.where(text_in, row_max, 0.0)).sum(-1) / text_w.sum(-1).clamp_min(1e-300)
-    image_term = (image_w * torch.where(image_in, col_max, 0.0)).sum(-1) / image_w.sum(-1).clamp_min(1e-300)
-    value = 0.5 * (text_term + image_term)
-    return torch.where(nonempty & torch.isfinite(value), value, 0.0)
+    text_total, image_total = text_w.sum(-1), image_w.sum(-1)
+    text_term = (text_w * row_max).sum(-1) / torch.where(text_total > 0, text_total, 1.0)
+    image_term = (image_w * col_max).sum(-1) / torch.where(image_total > 0, image_total, 1.0)
+    nonempty = text_any.squeeze(-1) & image_any.squeeze(-1)
+    return torch.where(nonempty, 0.5 * (text_term + image_term), 0.0)
 
 
 def _prepare(sim, text_mask, image_mask, text_weight, image_weight):
