@@ -1,8 +1,6 @@
 """Monte Carlo and exact Banzhaf interaction estimates of the token game (DESIGN §3-§4), with gradients."""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from . import _banzhaf_torch
@@ -10,17 +8,11 @@ from ._backend import resolve_backend
 from ._checks import check_choice, check_float_tensor, check_same_device, mask_or_default, result_dtype, \
     weight_or_default
 from ._ops import has_extension
+from ._result import BanzhafResult
 from .coalitions import MAX_EXACT_PLAYERS, seed_as_int64
 
 ESTIMATORS = ("paired", "msr", "exact")
-
-
-class BanzhafResult(NamedTuple):
-    """interaction[B,T,V] (text token i × image token j), text_value[B,T], image_value[B,V]."""
-
-    interaction: torch.Tensor
-    text_value: torch.Tensor
-    image_value: torch.Tensor
+CPU_MAX_TOKENS = 4096  # kMaxTokens in csrc/cpu/banzhaf_cpu.cpp
 
 
 def _check_arguments(sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
@@ -75,6 +67,9 @@ def banzhaf_interaction(sim: torch.Tensor, text_mask: torch.Tensor | None = None
                          ("image_weight", image_weight)):
         check_same_device("sim", sim, name, tensor)
     chosen = resolve_backend(backend, sim.device, "banzhaf_interaction")
+    if chosen == "cpu" and max(sim.shape[1], sim.shape[2]) > CPU_MAX_TOKENS:
+        raise ValueError(f"banzhaf_interaction: the CPU kernel supports T, V <= {CPU_MAX_TOKENS} tokens, got "
+                         f"T={sim.shape[1]}, V={sim.shape[2]} (use backend='torch')")
     if chosen == "torch":
         result = _banzhaf_torch.banzhaf_interaction(sim, text_mask, image_mask, text_weight, image_weight,
                                                      num_samples, seed, estimator)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._result import BanzhafResult
 from ..coalitions import exact_coalitions, num_exact_draws, philox_coalitions
 
 NEG_INF = float("-inf")
@@ -93,8 +94,8 @@ def banzhaf_interaction(sim, text_mask=None, image_mask=None, text_weight=None, 
         result = _paired(sim, text_w, image_w, num_draws, draw, max_elements)
     interaction, text_value, image_value = result
     pair_mask = text_mask.unsqueeze(-1) & image_mask.unsqueeze(-2)
-    return (torch.where(pair_mask, interaction, 0.0), torch.where(text_mask, text_value, 0.0),
-            torch.where(image_mask, image_value, 0.0))
+    return BanzhafResult(torch.where(pair_mask, interaction, 0.0), torch.where(text_mask, text_value, 0.0),
+                         torch.where(image_mask, image_value, 0.0))
 
 
 def _paired(sim, text_w, image_w, num_draws, draw, max_elements):

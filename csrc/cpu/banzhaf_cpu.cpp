@@ -224,26 +224,24 @@ struct HalfGame {
     for (int64_t r = 0; r < rows; ++r) {
       if (!row_valid[r]) continue;
       const double join_w = row_in[r] ? 0.0 : w[r], member_w = row_in[r] ? w[r] : 0.0;
-      const double with_r = total_w + join_w, without_r = total_w - member_w;
+      // Reciprocals once per row: the inner loop then multiplies instead of dividing.
+      const double inv_with = 1.0 / (total_w + join_w);
       const bool a_out_empty = row_out_empty(r);
+      const double inv_without = a_out_empty ? 0.0 : 1.0 / (total_w - member_w);
       int64_t from;
       for (int64_t c = 0; c < cols; ++c) {
         if (!col_valid[c]) continue;
-        const bool c_out_empty = col_out_empty(c);
         const double m_with = max_with(r, c, &from);
-        double sd = (sum_with[c] + join_w * m_with) / with_r;
-        if (!a_out_empty) sd -= (sum_with[c] - member_w * m_with) / without_r;
-        if (!c_out_empty) {
+        double sd = (sum_with[c] + join_w * m_with) * inv_with - (sum_with[c] - member_w * m_with) * inv_without;
+        if (!col_out_empty(c)) {
           const double m_without = max_without(r, c, &from);
-          sd -= (sum_without[c] + join_w * m_without) / with_r;
-          if (!a_out_empty) sd += (sum_without[c] - member_w * m_without) / without_r;
+          sd -= (sum_without[c] + join_w * m_without) * inv_with -
+                (sum_without[c] - member_w * m_without) * inv_without;
         }
         out[r * out_rs + c * out_cs] += sd;
       }
       if (col_count > 0) {
-        double effect = (sum_full + join_w * top1[r]) / with_r;
-        if (!a_out_empty) effect -= (sum_full - member_w * top1[r]) / without_r;
-        row_effect[r] += effect;
+        row_effect[r] += (sum_full + join_w * top1[r]) * inv_with - (sum_full - member_w * top1[r]) * inv_without;
       }
     }
     if (row_count == 0) return;
