@@ -1,0 +1,116 @@
+"""Collects the Banzhaf benchmark medians and prints / writes the summary table with the speed-up ratios."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+RESULTS_KEY = pytest.StashKey[dict]()
+RESULTS_FILE = Path(__file__).parent / "results" / "cpu_banzhaf.md"
+
+# (label, size, mode, slower variant, target speed-up of "cpu" over it). Ratios compare per-draw times, which
+# equal the ratio of medians wherever both variants ran the same number of draws.
+RATIOS = (
+    ("C++ vs reference, forward, anchor (same K)", "anchor", "forward", "reference", 50),
+    ("C++ vs reference, forward, clip (per draw)", "clip", "forward", "reference", 50),
+    ("C++ vs reference, forward+backward, anchor (per draw)", "anchor", "forward+backward", "reference", 50),
+    ("C++ vs torch backend, forward, anchor", "anchor", "forward", "torch", 3),
+    ("C++ vs torch backend, forward, clip", "clip", "forward", "torch", 3),
+    ("C++ vs torch backend, forward+backward, anchor", "anchor", "forward+backward", "torch", 3),
+    ("C++ vs per-pair textbook loop, per draw of a whole T×V map, anchor", "anchor", "forward", "per_pair", 1000),
+)
+
+
+def pytest_configure(config):
+    config.stash[RESULTS_KEY] = {}
+
+
+@pytest.fixture
+def bench_record(request):
+    """record(size, mode, variant, median_s, extra_info): keep one measured row for the session summary."""
+    results = request.config.stash[RESULTS_KEY]
+
+    def record(size, mode, variant, median, extra_info):
+        results[(size, mode, variant)] = dict(extra_info, median_s=median)
+
+    return record
+
+
+def _format_time(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _machine_info() -> list[str]:
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import cbd_fast
+
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    if _git("status", "--porcelain", "--untracked-files=no"):
+        commit += " (working tree has uncommitted changes)"
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return [
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- CPU: {cpu_model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        f"- load average at the end (1/5/15 min): {load}",
+        f"- python {platform.python_version()}, torch {torch.__version__}",
+        f"- cbd_fast.build_info(): `{cbd_fast.build_info()}`",
+        f"- git commit: {commit}",
+    ]
+
+
+def _summary(results: dict) -> list[str]:
+    lines = ["| size | mode | variant | B | T | V | K | median | per draw (µs) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (size, mode, variant), row in results.items():
+        batch = f"{row['B']} (1 of the batch)" if variant == "per_pair" else row["B"]
+        lines.append(f"| {size} | {mode} | {variant} | {batch} | {row['T']} | {row['V']} | {row['K']} | "
+                     f"{_format_time(row['median_s'])} | {row['per_draw_us']:.4g} |")
+    lines += ["", "| speed-up of C++ (`cpu`) | ratio | target | met |", "|---|---|---|---|"]
+    for label, size, mode, other, target in RATIOS:
+        fast, slow = results.get((size, mode, "cpu")), results.get((size, mode, other))
+        if fast is None or slow is None:
+            lines.append(f"| {label} | n/a (not run) | ≥ {target}× | |")
+            continue
+        ratio = slow["per_draw_us"] / fast["per_draw_us"]
+        lines.append(f"| {label} | {ratio:.1f}× | ≥ {target}× | {'yes' if ratio >= target else 'NO'} |")
+    lines += ["", "Per draw = median / (K·B) for batched variants (one coalition draw of one image-text pair); for "
+              "the per-pair loop = median / (K·pairs) × (T·V), the same unit of work. Ratios are per draw; they "
+              "equal the ratio of medians where K and B agree."]
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    results = config.stash.get(RESULTS_KEY, {})
+    if not results:
+        return
+    lines = _summary(results)
+    terminalreporter.write_sep("=", "Banzhaf CPU benchmark summary (medians)")
+    for line in lines:
+        terminalreporter.write_line(line)
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_FILE.write_text("\n".join(["# CPU benchmark: cbd_fast.banzhaf_interaction (paired, fp32)", "",
+                                       *_machine_info(), "", *lines, ""]), encoding="utf-8")
+    terminalreporter.write_line(f"written to {RESULTS_FILE}")

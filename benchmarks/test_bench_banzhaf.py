@@ -1,0 +1,214 @@
+"""CPU timings of the Banzhaf interaction op (DESIGN §4, ``estimator="paired"``, fp32).
+
+What is measured (wall-clock median over rounds, one call per round, inputs rotated between rounds):
+
+* ``cpu``       -- ``cbd_fast.banzhaf_interaction(..., backend="cpu")``: the fused C++ kernel, O(T·V) per draw.
+* ``torch``     -- the same algorithm vectorised in PyTorch (``backend="torch"``).
+* ``reference`` -- ``cbd_fast.reference.banzhaf.banzhaf_interaction``: the definition-level estimate, four game
+                   values per token pair per draw, vectorised and chunked (the correctness oracle).
+* ``per_pair``  -- ``banzhaf_interaction_per_pair_mc``: the textbook research-code loop, a Python loop over token
+                   pairs (i, j) with fresh coalitions for every pair. Far too slow for a whole batch, so it runs on
+                   one pair of the batch (B=1) at a small K.
+
+Groups: forward at the anchor size (B=8, T=32, V=50, K=256) and at a CLIP-like size (B=16, T=77, V=197,
+K=256), forward+backward at the anchor size (loss = interaction.sum() + text_value.sum() + image_value.sum(),
+through autograd), and the per-pair loop. The reference is expensive (its cost per draw grows like
+T·V·(T+V)), so where noted it runs fewer draws than the fast backends; every row therefore carries
+``per_draw_us`` in ``extra_info``:
+
+* batched variants: median / (K·B), i.e. the time to process one coalition draw of one image-text pair,
+  which updates all T·V interaction cells and the T+V single-token values;
+* per-pair loop: median / (K·pairs_done) × (T·V), i.e. the time it needs for the same unit of work -- one
+  draw for each of the T·V token pairs of one image-text pair.
+
+All tokens are valid (the worst case for every backend, and it keeps "pairs" and "draws" unambiguous); token
+weight logits are random so the weighted path is exercised. Each test rotates three pre-generated input sets
+(different similarities and Philox seeds), so no round re-times a result that something could have cached.
+
+The session-end summary (medians and speed-up ratios against the targets) is printed and written to
+``benchmarks/results/cpu_banzhaf.md`` by ``benchmarks/conftest.py``. Under ``--benchmark-disable`` (smoke test)
+every variant runs once with at most ``SMOKE_MAX_SAMPLES`` draws, and nothing is recorded.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pytest
+import torch
+
+import cbd_fast
+from cbd_fast.reference import banzhaf as reference
+
+NUM_INPUT_SETS = 3
+FEATURE_DIM = 64
+SMOKE_MAX_SAMPLES = 2
+
+# name -> (B, T, V)
+SIZES = {"anchor": (8, 32, 50), "clip": (16, 77, 197)}
+
+
+# --- inputs --------------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def input_sets(size: str) -> tuple[dict, ...]:
+    """NUM_INPUT_SETS argument dicts for one size: cosine similarities of random unit token features, all tokens
+    valid, random weight logits, and a distinct Philox seed per set."""
+    batch, text_len, image_len = SIZES[size]
+    sets = []
+    for index in range(NUM_INPUT_SETS):
+        gen = torch.Generator().manual_seed(1234 + index)
+        text = torch.nn.functional.normalize(torch.randn(batch, text_len, FEATURE_DIM, generator=gen), dim=-1)
+        image = torch.nn.functional.normalize(torch.randn(batch, image_len, FEATURE_DIM, generator=gen), dim=-1)
+        sets.append(dict(
+            sim=torch.bmm(text, image.transpose(1, 2)).contiguous(),
+            text_mask=torch.ones(batch, text_len, dtype=torch.bool),
+            image_mask=torch.ones(batch, image_len, dtype=torch.bool),
+            text_weight=0.5 * torch.randn(batch, text_len, generator=gen),
+            image_weight=0.5 * torch.randn(batch, image_len, generator=gen),
+            seed=1000 + index,
+        ))
+    return tuple(sets)
+
+
+def rotating(size: str, prepare=lambda inputs: inputs):
+    """A pedantic ``setup``: each call hands the next input set (after ``prepare``, run outside the timing)."""
+    cycle = itertools.cycle(input_sets(size))
+
+    def setup():
+        return (prepare(next(cycle)),), {}
+
+    return setup
+
+
+def with_grad(inputs: dict) -> dict:
+    """Fresh leaf copies of the differentiable inputs (sim and both weight logits)."""
+    out = dict(inputs)
+    for name in ("sim", "text_weight", "image_weight"):
+        out[name] = inputs[name].clone().requires_grad_(True)
+    return out
+
+
+# --- the variants --------------------------------------------------------------------------------------------------
+
+def run_variant(variant: str, inputs: dict, num_samples: int):
+    """(interaction, text_value, image_value) of one batched variant."""
+    if variant == "reference":
+        return reference.banzhaf_interaction(**inputs, num_samples=num_samples)
+    return cbd_fast.banzhaf_interaction(**inputs, num_samples=num_samples, backend=variant)
+
+
+def forward_backward(variant: str, inputs: dict, num_samples: int) -> torch.Tensor:
+    interaction, text_value, image_value = run_variant(variant, inputs, num_samples)
+    (interaction.sum() + text_value.sum() + image_value.sum()).backward()
+    return inputs["sim"].grad
+
+
+def check_output(tensor: torch.Tensor) -> None:
+    assert torch.isfinite(tensor).all() and tensor.abs().sum() > 0
+
+
+@dataclass(frozen=True)
+class Case:
+    size: str
+    variant: str
+    num_samples: int  # K
+    rounds: int
+    warmup_rounds: int = 0
+
+
+def cases(group: str, *items: Case):
+    return [pytest.param(case, id=f"{case.size}-{case.variant}-K{case.num_samples}",
+                         marks=pytest.mark.benchmark(group=group)) for case in items]
+
+
+FORWARD_CASES = (
+    cases("forward anchor B=8 T=32 V=50",
+          Case("anchor", "cpu", 256, rounds=15, warmup_rounds=1),
+          Case("anchor", "torch", 256, rounds=3),
+          Case("anchor", "reference", 256, rounds=3))  # same K as the fast backends
+    + cases("forward clip B=16 T=77 V=197",
+            Case("clip", "cpu", 256, rounds=5, warmup_rounds=1),
+            Case("clip", "torch", 256, rounds=3),
+            Case("clip", "reference", 4, rounds=3))  # fewer draws: compare per draw
+)
+
+FORWARD_BACKWARD_CASES = cases(
+    "forward+backward anchor B=8 T=32 V=50",
+    Case("anchor", "cpu", 256, rounds=10, warmup_rounds=1),
+    Case("anchor", "torch", 256, rounds=3),
+    Case("anchor", "reference", 64, rounds=3),  # fewer draws: compare per draw
+)
+
+PER_PAIR_CASES = cases("per-pair textbook loop anchor (one pair, B=1)", Case("anchor", "per_pair", 16, rounds=3))
+
+
+def draws(benchmark, case: Case) -> int:
+    return min(case.num_samples, SMOKE_MAX_SAMPLES) if benchmark.disabled else case.num_samples
+
+
+def record_batched(benchmark, bench_record, case: Case, mode: str) -> None:
+    batch, text_len, image_len = SIZES[case.size]
+    total_draws = case.num_samples * batch
+    benchmark.extra_info.update(
+        B=batch, T=text_len, V=image_len, K=case.num_samples, draws=total_draws, mode=mode,
+        measured=f"{case.variant}: whole batch, {case.num_samples} draws per pair")
+    if benchmark.disabled:
+        return
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["per_draw_us"] = median / total_draws * 1e6
+    # One draw updates every one of the T·V interaction cells of its pair.
+    benchmark.extra_info["cell_updates_per_s"] = total_draws * text_len * image_len / median
+    bench_record(case.size, mode, case.variant, median, benchmark.extra_info)
+
+
+# --- tests ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_forward(benchmark, bench_record, case: Case):
+    num_samples = draws(benchmark, case)
+    result = benchmark.pedantic(lambda inputs: run_variant(case.variant, inputs, num_samples),
+                                setup=rotating(case.size), rounds=case.rounds, warmup_rounds=case.warmup_rounds,
+                                iterations=1)
+    check_output(result[0])
+    record_batched(benchmark, bench_record, case, "forward")
+
+
+@pytest.mark.parametrize("case", FORWARD_BACKWARD_CASES)
+def test_forward_backward(benchmark, bench_record, case: Case):
+    num_samples = draws(benchmark, case)
+    grad = benchmark.pedantic(lambda inputs: forward_backward(case.variant, inputs, num_samples),
+                              setup=rotating(case.size, with_grad), rounds=case.rounds,
+                              warmup_rounds=case.warmup_rounds, iterations=1)
+    check_output(grad)
+    record_batched(benchmark, bench_record, case, "forward+backward")
+
+
+def one_pair(inputs: dict) -> dict:
+    """Pair b = (input set's seed mod B) of the batch, as a batch of one; the coalition seed stays the set's."""
+    b = inputs["seed"] % inputs["sim"].shape[0]
+    return {name: (value[b:b + 1] if torch.is_tensor(value) else value) for name, value in inputs.items()}
+
+
+@pytest.mark.parametrize("case", PER_PAIR_CASES)
+def test_per_pair_textbook(benchmark, bench_record, case: Case):
+    num_samples = draws(benchmark, case)
+    result = benchmark.pedantic(
+        lambda inputs: reference.banzhaf_interaction_per_pair_mc(**inputs, num_samples=num_samples),
+        setup=rotating(case.size, one_pair), rounds=case.rounds, iterations=1)
+    check_output(result)
+    _, text_len, image_len = SIZES[case.size]
+    pairs_done = text_len * image_len  # all tokens valid: every (i, j) of the one image-text pair
+    benchmark.extra_info.update(
+        B=1, T=text_len, V=image_len, K=case.num_samples, pairs_done=pairs_done,
+        draws=case.num_samples * pairs_done, mode="forward",
+        measured=f"per-pair loop over all {pairs_done} token pairs of one image-text pair (B=1), "
+                 f"{case.num_samples} independent draws per token pair; per_draw_us scaled to one draw for "
+                 "all T*V token pairs")
+    if benchmark.disabled:
+        return
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["per_draw_us"] = median / (case.num_samples * pairs_done) * (text_len * image_len) * 1e6
+    benchmark.extra_info["cell_updates_per_s"] = case.num_samples * pairs_done / median
+    bench_record(case.size, "forward", case.variant, median, benchmark.extra_info)
