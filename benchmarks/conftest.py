@@ -26,17 +26,25 @@ RATIOS = (
 )
 
 
+LOAD_AT_START_KEY = pytest.StashKey[str]()
+
+
+def _load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
 def pytest_configure(config):
     config.stash[RESULTS_KEY] = {}
+    config.stash[LOAD_AT_START_KEY] = _load_average()
 
 
 @pytest.fixture
 def bench_record(request):
-    """record(size, mode, variant, median_s, extra_info): keep one measured row for the session summary."""
+    """record(size, mode, variant, median_s, min_s, extra_info): keep one measured row for the session summary."""
     results = request.config.stash[RESULTS_KEY]
 
-    def record(size, mode, variant, median, extra_info):
-        results[(size, mode, variant)] = dict(extra_info, median_s=median)
+    def record(size, mode, variant, median, minimum, extra_info):
+        results[(size, mode, variant)] = dict(extra_info, median_s=median, min_s=minimum)
 
     return record
 
@@ -56,7 +64,7 @@ def _git(*args: str) -> str:
         return ""
 
 
-def _machine_info() -> list[str]:
+def _machine_info(config) -> list[str]:
     cpu_model = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -70,11 +78,13 @@ def _machine_info() -> list[str]:
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
     if _git("status", "--porcelain", "--untracked-files=no"):
         commit += " (working tree has uncommitted changes)"
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return [
+        f"- command: `pytest {' '.join(config.invocation_params.args)}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- CPU: {cpu_model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
-        f"- load average at the end (1/5/15 min): {load}",
+        f"- load average (1/5/15 min) at start: {config.stash[LOAD_AT_START_KEY]}; at end: {_load_average()} "
+        "(the start value is taken before any benchmark runs: well above 0 means other processes were competing "
+        "for the cores)",
         f"- python {platform.python_version()}, torch {torch.__version__}",
         f"- cbd_fast.build_info(): `{cbd_fast.build_info()}`",
         f"- git commit: {commit}",
@@ -82,12 +92,13 @@ def _machine_info() -> list[str]:
 
 
 def _summary(results: dict) -> list[str]:
-    lines = ["| size | mode | variant | B | T | V | K | median | per draw (µs) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | mode | variant | B | T | V | K | rounds | median | min | per draw (µs, median) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (size, mode, variant), row in results.items():
         batch = f"{row['B']} (1 of the batch)" if variant == "per_pair" else row["B"]
         lines.append(f"| {size} | {mode} | {variant} | {batch} | {row['T']} | {row['V']} | {row['K']} | "
-                     f"{_format_time(row['median_s'])} | {row['per_draw_us']:.4g} |")
+                     f"{row['rounds']} | {_format_time(row['median_s'])} | {_format_time(row['min_s'])} | "
+                     f"{row['per_draw_us']:.4g} |")
     lines += ["", "| speed-up of C++ (`cpu`) | ratio | target | met |", "|---|---|---|---|"]
     for label, size, mode, other, target in RATIOS:
         fast, slow = results.get((size, mode, "cpu")), results.get((size, mode, other))
@@ -111,6 +122,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for line in lines:
         terminalreporter.write_line(line)
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text("\n".join(["# CPU benchmark: cbd_fast.banzhaf_interaction (paired, fp32)", "",
-                                       *_machine_info(), "", *lines, ""]), encoding="utf-8")
+    header = ["# CPU benchmark: cbd_fast.banzhaf_interaction (paired, fp32)", "",
+              *_machine_info(config), ""]
+    RESULTS_FILE.write_text("\n".join([*header, *lines, ""]), encoding="utf-8")
     terminalreporter.write_line(f"written to {RESULTS_FILE}")

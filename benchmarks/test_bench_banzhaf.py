@@ -133,7 +133,7 @@ FORWARD_CASES = (
     + cases("forward clip B=16 T=77 V=197",
             Case("clip", "cpu", 256, rounds=5, warmup_rounds=1),
             Case("clip", "torch", 256, rounds=3),
-            Case("clip", "reference", 1, rounds=3, smoke=False))  # ~0.3 s per draw: compare per draw
+            Case("clip", "reference", 1, rounds=3, smoke=False))  # 0.15-0.4 s per draw of one pair: compare per draw
 )
 
 FORWARD_BACKWARD_CASES = cases(
@@ -165,7 +165,8 @@ def record_batched(benchmark, bench_record, case: Case, mode: str) -> None:
     benchmark.extra_info["per_draw_us"] = median / total_draws * 1e6
     # One draw updates every one of the T·V interaction cells of its pair.
     benchmark.extra_info["cell_updates_per_s"] = total_draws * text_len * image_len / median
-    bench_record(case.size, mode, case.variant, median, benchmark.extra_info)
+    bench_record(case.size, mode, case.variant, median, benchmark.stats.stats.min,
+                 dict(benchmark.extra_info, rounds=case.rounds))
 
 
 # --- tests ---------------------------------------------------------------------------------------------------------
@@ -216,4 +217,5 @@ def test_per_pair_textbook(benchmark, bench_record, case: Case):
     median = benchmark.stats.stats.median
     benchmark.extra_info["per_draw_us"] = median / (case.num_samples * pairs_done) * (text_len * image_len) * 1e6
     benchmark.extra_info["cell_updates_per_s"] = case.num_samples * pairs_done / median
-    bench_record(case.size, "forward", case.variant, median, benchmark.extra_info)
+    bench_record(case.size, "forward", case.variant, median, benchmark.stats.stats.min,
+                 dict(benchmark.extra_info, rounds=case.rounds))

@@ -266,65 +266,45 @@ struct HalfGame {
       if (!row_valid[r]) continue;
       const bool member = row_in[r];
       const double join_w = member ? 0.0 : w[r], member_w = member ? w[r] : 0.0;
-      const double with_r = total_w + join_w, without_r = total_w - member_w;
-      const bool a_out_empty = row_out_empty(r);
-      double g_own_w = 0;  // dL/d(w_r) through join_w / member_w (the row's own token)
+      // 1/W(A'∪r) and 1/W(A') (0 when A' is empty: those terms vanish, so the products below need no branch).
+      const double inv_with = 1.0 / (total_w + join_w);
+      const double inv_without = row_out_empty(r) ? 0.0 : 1.0 / (total_w - member_w);
+      double g_total_r = 0, g_own_w = 0;  // dL/dW_A and dL/dw_r through the row's own join_w / member_w
       for (int64_t c = 0; c < cols; ++c) {
         if (!col_valid[c]) continue;
         const double g = coef_sd[r * cf_rs + c * cf_cs];
         if (g == 0.0) continue;
-        const bool c_out_empty = col_out_empty(c);
-        int64_t from_with, from_without = -1;
+        int64_t from_with, from_without;
         const double m_with = max_with(r, c, &from_with);
-        // f11 = (sum_with + join_w m_with) / with_r, coefficient +g
-        const double n11 = sum_with[c] + join_w * m_with;
-        g_with[c] += g / with_r;
-        g_total -= g * n11 / (with_r * with_r);
-        g_own_w += member ? 0.0 : g * (m_with - n11 / with_r) / with_r;
-        double g_m_with = g * join_w / with_r, g_m_without = 0;
-        if (!a_out_empty) {  // f01 = (sum_with − member_w m_with) / without_r, coefficient −g
-          const double n01 = sum_with[c] - member_w * m_with;
-          g_with[c] -= g / without_r;
-          g_total += g * n01 / (without_r * without_r);
-          g_own_w += member ? g * (m_with - n01 / without_r) / without_r : 0.0;
-          g_m_with += g * member_w / without_r;
-        }
-        if (!c_out_empty) {
+        // +g·f11 − g·f01 with f11 = (sum_with + join_w m_with)/W(A'∪r), f01 = (sum_with − member_w m_with)/W(A')
+        const double f11 = (sum_with[c] + join_w * m_with) * inv_with;
+        const double f01 = (sum_with[c] - member_w * m_with) * inv_without;
+        g_with[c] += g * (inv_with - inv_without);
+        g_total_r += g * (f01 * inv_without - f11 * inv_with);
+        g_own_w += member ? g * (m_with - f01) * inv_without : g * (m_with - f11) * inv_with;
+        add_grad(r, from_with, g * (join_w * inv_with + member_w * inv_without));
+        if (!col_out_empty(c)) {
+          // −g·f10 + g·f00, the same with max over C∖c and the column sums without c
           const double m_without = max_without(r, c, &from_without);
-          // f10 = (sum_without + join_w m_without) / with_r, coefficient −g
-          const double n10 = sum_without[c] + join_w * m_without;
-          g_without[c] -= g / with_r;
-          g_total += g * n10 / (with_r * with_r);
-          g_own_w -= member ? 0.0 : g * (m_without - n10 / with_r) / with_r;
-          g_m_without -= g * join_w / with_r;
-          if (!a_out_empty) {  // f00 = (sum_without − member_w m_without) / without_r, coefficient +g
-            const double n00 = sum_without[c] - member_w * m_without;
-            g_without[c] += g / without_r;
-            g_total -= g * n00 / (without_r * without_r);
-            g_own_w -= member ? g * (m_without - n00 / without_r) / without_r : 0.0;
-            g_m_without -= g * member_w / without_r;
-          }
-          add_grad(r, from_without, g_m_without);
+          const double f10 = (sum_without[c] + join_w * m_without) * inv_with;
+          const double f00 = (sum_without[c] - member_w * m_without) * inv_without;
+          g_without[c] -= g * (inv_with - inv_without);
+          g_total_r -= g * (f00 * inv_without - f10 * inv_with);
+          g_own_w -= member ? g * (m_without - f00) * inv_without : g * (m_without - f10) * inv_with;
+          add_grad(r, from_without, -g * (join_w * inv_with + member_w * inv_without));
         }
-        add_grad(r, from_with, g_m_with);
       }
       const double gr = coef_row[r];
       if (gr != 0.0 && col_count > 0) {
-        // row effect = (sum_full + join_w top1)/with_r − [(sum_full − member_w top1)/without_r]
-        const double n1 = sum_full + join_w * top1[r];
-        g_full += gr / with_r;
-        g_total -= gr * n1 / (with_r * with_r);
-        g_own_w += member ? 0.0 : gr * (top1[r] - n1 / with_r) / with_r;
-        double g_top = gr * join_w / with_r;
-        if (!a_out_empty) {
-          const double n0 = sum_full - member_w * top1[r];
-          g_full -= gr / without_r;
-          g_total += gr * n0 / (without_r * without_r);
-          g_own_w += member ? gr * (top1[r] - n0 / without_r) / without_r : 0.0;
-          g_top += gr * member_w / without_r;
-        }
-        add_grad(r, top1_index[r], g_top);
+        // row effect = (sum_full + join_w top1)/W(A'∪r) − (sum_full − member_w top1)/W(A')
+        const double f1 = (sum_full + join_w * top1[r]) * inv_with;
+        const double f0 = (sum_full - member_w * top1[r]) * inv_without;
+        g_full += gr * (inv_with - inv_without);
+        g_total_r += gr * (f0 * inv_without - f1 * inv_with);
+        g_own_w += member ? gr * (top1[r] - f0) * inv_without : gr * (top1[r] - f1) * inv_with;
+        add_grad(r, top1_index[r], gr * (join_w * inv_with + member_w * inv_without));
       }
+      g_total += g_total_r;
       grad_w[r] += g_own_w;
     }
     if (row_count > 0) {  // column effect = (sum_with − [sum_without]) / total_w
