@@ -1,0 +1,1 @@
+"""Training: the CBD losses, replay, checkpoints and the continual task loop."""

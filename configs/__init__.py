@@ -1,0 +1,1 @@
+"""Built-in run configurations (YAML), installed as cbd_fast.configs."""
