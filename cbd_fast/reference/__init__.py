@@ -1,0 +1,3 @@
+from .maxsim import maxsim
+
+__all__ = ["maxsim"]
