@@ -141,11 +141,14 @@ def _register_abstract_and_autograd() -> None:
         _, text_argmax, image_argmax, text_max, image_max = output
         # Only the score is differentiable; the maxima are saved state for the backward.
         ctx.mark_non_differentiable(text_max, image_max)
+        ctx.set_materialize_grads(False)  # no zero gradients for the outputs the backward ignores
         ctx.save_for_backward(text, image, text_mask, image_mask, text_weight, image_weight, text_argmax,
                               image_argmax, text_max, image_max)
         ctx.reduction = reduction
 
     def _backward(ctx, grad_score, _grad_text_argmax, _grad_image_argmax, _grad_text_max, _grad_image_max):
+        if grad_score is None:  # the score did not reach the loss
+            return None, None, None, None, None, None, None
         text, image, text_mask, image_mask, text_weight, image_weight, text_argmax, image_argmax, text_max, \
             image_max = ctx.saved_tensors
         grad_text, grad_image, grad_text_weight, grad_image_weight = torch.ops.cbd_fast.maxsim_backward(

@@ -18,7 +18,6 @@
 #include <cstring>
 #include <limits>
 #include <utility>
-#include <vector>
 
 #include "../ops.h"
 
@@ -326,8 +325,12 @@ void maxsim_forward_kernel(const at::Tensor& text, const at::Tensor& image, cons
   const int64_t text_blocks = (n.num_texts + texts_per_tile - 1) / texts_per_tile;
   const int64_t image_blocks = (n.num_images + images_per_tile - 1) / images_per_tile;
 
+  // One tile buffer per thread, allocated here (through the torch allocator, so memory profiles see it).
+  const int64_t tile_capacity = texts_per_tile * T * round_up(images_per_tile * V, kPanelWidth);
+  at::Tensor tiles = at::empty({at::get_num_threads(), tile_capacity}, text.options());
+
   at::parallel_for(0, text_blocks * image_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile;
+    acc_t* tile = tiles.data_ptr<acc_t>() + at::get_thread_num() * tile_capacity;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t a0 = (item / image_blocks) * texts_per_tile;
       const int64_t a1 = std::min(a0 + texts_per_tile, n.num_texts);
@@ -335,11 +338,10 @@ void maxsim_forward_kernel(const at::Tensor& text, const at::Tensor& image, cons
       const int64_t b1 = std::min(b0 + images_per_tile, n.num_images);
       const int64_t rows = (a1 - a0) * T, cols = (b1 - b0) * V;
       const int64_t tile_stride = round_up(cols, kPanelWidth);
-      tile.resize(static_cast<size_t>(rows * tile_stride));
-      similarity_tile(x + a0 * T * D, rows, D, yt + b0 * V, yt_stride, cols, tile.data(), tile_stride);
+      similarity_tile(x + a0 * T * D, rows, D, yt + b0 * V, yt_stride, cols, tile, tile_stride);
       for (int64_t a = a0; a < a1; ++a) {
         for (int64_t b = b0; b < b1; ++b) {
-          const acc_t* block = tile.data() + (a - a0) * T * tile_stride + (b - b0) * V;
+          const acc_t* block = tile + (a - a0) * T * tile_stride + (b - b0) * V;
           reduce_pair(block, tile_stride, a, b, n, tokens, alpha, beta, out);
         }
       }
