@@ -98,9 +98,23 @@ def test_half_precision_accumulates_in_fp32(backend, dtype):
     assert score.dtype == torch.float32
     # Same products of the same (half) values, summed in fp32: as close as fp32 sums get.
     torch.testing.assert_close(score, expected, rtol=1e-5, atol=1e-5)
-    for grad, expected_grad, x in zip(grads, expected_grads, inputs[:2] + inputs[4:]):
+    for grad, expected_grad in zip(grads, expected_grads):
         assert grad.dtype == dtype
         torch.testing.assert_close(grad.float(), expected_grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_of_another_dtype_get_gradients_in_their_dtype(backend):
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs(dtype=torch.float32)
+    text_weight, image_weight = text_weight.double(), image_weight.half()
+    inputs = (text, image, text_mask, image_mask, text_weight, image_weight)
+    expected, expected_grads = score_and_grads(reference.maxsim, *inputs)
+    score, grads = score_and_grads(cbd_fast.maxsim, *inputs, backend=backend)
+    assert score.dtype == torch.float32
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32, torch.float64, torch.float16]
+    torch.testing.assert_close(score, expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("text_len,image_len", [(1, 5), (4, 1), (1, 1)])
