@@ -80,11 +80,17 @@ def token_coefficients(weight: torch.Tensor, mask: torch.Tensor, reduction: str,
     return torch.softmax(logits, dim=-1) * mask_f
 
 
+def _exclusion_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 on valid tokens, -inf on invalid ones: ``[B, L]`` in ``dtype``."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 def _maxsim_torch(text, image, text_mask, image_mask, text_weight, image_weight, reduction):
     """The ``backend="torch"`` implementation: plain PyTorch on any device, differentiable by autograd.
 
-    Texts go in blocks so that at most ``TORCH_BLOCK_ELEMENTS`` similarities exist at once, forward or backward:
-    ``max(dim)`` saves only its indices for the backward, not the block it reduced.
+    Texts go in blocks so that at most ``TORCH_BLOCK_ELEMENTS`` similarities exist at once, forward or backward.
+    What autograd keeps per block is O(c·Bi·(T+V)): ``max(dim)`` saves only its indices, not the block it
+    reduced, and the masking is an addition, which saves nothing.
     """
     dtype = result_dtype(text.dtype)
     num_texts, text_len, dim = text.shape
@@ -93,6 +99,9 @@ def _maxsim_torch(text, image, text_mask, image_mask, text_weight, image_weight,
     beta = token_coefficients(image_weight, image_mask, reduction, dtype)  # [Bi, V]
     image_tokens = image.to(dtype).reshape(num_images * image_len, dim)
     image_nonempty = image_mask.any(-1)  # [Bi]
+    # Invalid tokens are excluded by adding -inf to their similarities: an addition saves nothing for the
+    # backward, where masked_fill would keep a [c, T, Bi, V] bool mask per block alive.
+    text_bias, image_bias = _exclusion_bias(text_mask, dtype), _exclusion_bias(image_mask, dtype)
     block = max(1, TORCH_BLOCK_ELEMENTS // max(1, num_images * text_len * image_len))
     scores = []
     for start in range(0, num_texts, block):
@@ -100,8 +109,7 @@ def _maxsim_torch(text, image, text_mask, image_mask, text_weight, image_weight,
         text_valid = text_mask[start:stop]  # [c, T]
         sim = (text[start:stop].to(dtype).reshape(-1, dim) @ image_tokens.T).view(
             stop - start, text_len, num_images, image_len)  # [c, T, Bi, V]
-        pair_valid = text_valid[:, :, None, None] & image_mask[None, None, :, :]
-        sim = sim.masked_fill(~pair_valid, float("-inf"))
+        sim = (sim + text_bias[start:stop, :, None, None]).add_(image_bias)  # in place on a fresh tensor
         # Maxima over valid tokens only; the first maximum wins ties. Entries without any valid token are -inf
         # and are replaced by 0 before they meet a weight (0 · -inf would be NaN).
         text_max = sim.max(dim=3).values  # [c, T, Bi]: best image token of each text token
