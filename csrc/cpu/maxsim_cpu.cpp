@@ -183,7 +183,7 @@ C10_ALWAYS_INLINE void similarity_micro_kernel(const scalar_t* x, int64_t x_stri
   }
 }
 
-// The last rows - r < kRowsPerBlock rows of a column panel, in one micro-kernel call of that height.
+// The remaining rows of a column panel (fewer than kRowsPerBlock), in one micro-kernel call of that height.
 template <typename scalar_t, int kRows>
 C10_ALWAYS_INLINE void similarity_remainder(int64_t remaining, const scalar_t* x, int64_t depth, const scalar_t* yt,
                                             int64_t yt_stride, scalar_t* tile, int64_t tile_stride) {
