@@ -128,6 +128,16 @@ def test_single_token_sides(backend, text_len, image_len):
         torch.testing.assert_close(grad, expected_grad, **TOLERANCE[torch.float64])
 
 
+def test_cpu_op_pairs_larger_than_a_tile():
+    """T·V above the op's tile budget (2**16 similarities): each pair gets a tile of its own."""
+    inputs = make_inputs(3, 260, 2, 270, 5, empty_text=1)
+    expected, expected_grads = score_and_grads(reference.maxsim, *inputs)
+    score, grads = score_and_grads(cbd_fast.maxsim, *inputs, backend="cpu")
+    torch.testing.assert_close(score, expected, **TOLERANCE[torch.float64])
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, **TOLERANCE[torch.float64])
+
+
 def tied_pair():
     """One text, one image with exact ties: image tokens 1 and 3 are equal and the best for every text token;
     text tokens 0 and 2 are equal and the best for image tokens 1 and 3. Integer values, so ties are exact.
