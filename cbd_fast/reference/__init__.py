@@ -1,7 +1,8 @@
 """Plain-PyTorch, definition-level versions of every op: readable, vectorised, chunked. The oracle of the tests."""
+from ..coalitions import coalitions
 from .banzhaf import (banzhaf_interaction, banzhaf_interaction_from_tokens, banzhaf_interaction_per_pair_mc,
                       coalition_value)
-from ..coalitions import coalitions
+from .maxsim import maxsim
 
 __all__ = [
     "banzhaf_interaction",
@@ -9,4 +10,5 @@ __all__ = [
     "banzhaf_interaction_per_pair_mc",
     "coalition_value",
     "coalitions",
+    "maxsim",
 ]

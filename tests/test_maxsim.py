@@ -1,0 +1,332 @@
+"""cbd_fast.maxsim (DESIGN §5): C++ and torch backends against the definition-level reference."""
+from __future__ import annotations
+
+import importlib
+import re
+
+import pytest
+import torch
+
+import cbd_fast
+from cbd_fast import reference
+
+maxsim_module = importlib.import_module("cbd_fast.maxsim")  # the module, which the function of that name shadows
+
+pytestmark = pytest.mark.skipif(not cbd_fast.has_extension(), reason="needs the compiled extension")
+
+BACKENDS = ("cpu", "torch")
+REDUCTIONS = ("wti", "sum", "mean")
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def make_inputs(num_texts=5, text_len=6, num_images=4, image_len=7, dim=16, dtype=torch.float64, seed=0,
+                empty_text=None, empty_image=None):
+    """Random features and logits, ~30% invalid tokens; optionally one text / one image with no valid token."""
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randn(num_texts, text_len, dim, generator=gen, dtype=torch.float64).to(dtype)
+    image = torch.randn(num_images, image_len, dim, generator=gen, dtype=torch.float64).to(dtype)
+    text_mask = torch.rand(num_texts, text_len, generator=gen) > 0.3
+    image_mask = torch.rand(num_images, image_len, generator=gen) > 0.3
+    text_mask[:, 0] = True  # every other row keeps at least one valid token
+    image_mask[:, -1] = True
+    if empty_text is not None:
+        text_mask[empty_text] = False
+    if empty_image is not None:
+        image_mask[empty_image] = False
+    text_weight = torch.randn(num_texts, text_len, generator=gen, dtype=torch.float64).to(dtype)
+    image_weight = torch.randn(num_images, image_len, generator=gen, dtype=torch.float64).to(dtype)
+    return text, image, text_mask, image_mask, text_weight, image_weight
+
+
+def score_and_grads(fn, text, image, text_mask, image_mask, text_weight, image_weight, grad_score=None, **kw):
+    """score = fn(...) and the gradients of Σ grad_score·score w.r.t. text, image and both weights."""
+    leaves = [x.detach().clone().requires_grad_() for x in (text, image, text_weight, image_weight)]
+    score = fn(leaves[0], leaves[1], text_mask, image_mask, leaves[2], leaves[3], **kw)
+    if grad_score is None:
+        grad_score = torch.randn(score.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad((score * grad_score.to(score.dtype)).sum(), leaves, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    return score.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_with_masks_and_weights(backend, reduction, dtype):
+    inputs = make_inputs(dtype=dtype, empty_text=2, empty_image=1)
+    expected, expected_grads = score_and_grads(reference.maxsim, *inputs, reduction=reduction)
+    score, grads = score_and_grads(cbd_fast.maxsim, *inputs, reduction=reduction, backend=backend)
+    assert score.dtype == dtype and score.shape == (5, 4)
+    torch.testing.assert_close(score, expected, **TOLERANCE[dtype])
+    for name, grad, expected_grad in zip(("text", "image", "text_weight", "image_weight"), grads, expected_grads):
+        assert grad.dtype == dtype, name
+        torch.testing.assert_close(grad, expected_grad, **TOLERANCE[dtype], msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pairs_without_valid_tokens_score_zero_with_finite_gradients(backend):
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs(empty_text=2, empty_image=1)
+    score, grads = score_and_grads(cbd_fast.maxsim, text, image, text_mask, image_mask, text_weight, image_weight,
+                                   backend=backend)
+    assert torch.isfinite(score).all() and all(torch.isfinite(g).all() for g in grads)
+    assert (score[2] == 0).all() and (score[:, 1] == 0).all()
+    assert (score[0, [0, 2, 3]] != 0).all()
+    grad_text, grad_image, grad_text_weight, grad_image_weight = grads
+    # Nothing flows into tokens that never enter a max or a sum.
+    assert (grad_text[~text_mask] == 0).all() and (grad_image[~image_mask] == 0).all()
+    assert (grad_text_weight[~text_mask] == 0).all() and (grad_image_weight[~image_mask] == 0).all()
+    assert grad_text[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_everything_masked_gives_zeros(backend):
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs()
+    text_mask = torch.zeros_like(text_mask)
+    score, grads = score_and_grads(cbd_fast.maxsim, text, image, text_mask, image_mask, text_weight, image_weight,
+                                   backend=backend)
+    assert torch.equal(score, torch.zeros_like(score))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_accumulates_in_fp32(backend, dtype):
+    inputs = make_inputs(dtype=dtype, dim=32, empty_image=0)
+    upcast = [x.float() if x.is_floating_point() else x for x in inputs]
+    expected, expected_grads = score_and_grads(reference.maxsim, *upcast)
+    score, grads = score_and_grads(cbd_fast.maxsim, *inputs, backend=backend)
+    assert score.dtype == torch.float32
+    # Same products of the same (half) values, summed in fp32: as close as fp32 sums get.
+    torch.testing.assert_close(score, expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.float(), expected_grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_of_another_dtype_get_gradients_in_their_dtype(backend):
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs(dtype=torch.float32)
+    text_weight, image_weight = text_weight.double(), image_weight.half()
+    inputs = (text, image, text_mask, image_mask, text_weight, image_weight)
+    expected, expected_grads = score_and_grads(reference.maxsim, *inputs)
+    score, grads = score_and_grads(cbd_fast.maxsim, *inputs, backend=backend)
+    assert score.dtype == torch.float32
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32, torch.float64, torch.float16]
+    torch.testing.assert_close(score, expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("text_len,image_len", [(1, 5), (4, 1), (1, 1)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_token_sides(backend, text_len, image_len):
+    inputs = make_inputs(text_len=text_len, image_len=image_len)
+    expected, expected_grads = score_and_grads(reference.maxsim, *inputs)
+    score, grads = score_and_grads(cbd_fast.maxsim, *inputs, backend=backend)
+    torch.testing.assert_close(score, expected, **TOLERANCE[torch.float64])
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, **TOLERANCE[torch.float64])
+
+
+def test_cpu_op_pairs_larger_than_a_tile():
+    """T·V above the op's tile budget (2**16 similarities): each pair gets a tile of its own."""
+    inputs = make_inputs(3, 260, 2, 270, 5, empty_text=1)
+    expected, expected_grads = score_and_grads(reference.maxsim, *inputs)
+    score, grads = score_and_grads(cbd_fast.maxsim, *inputs, backend="cpu")
+    torch.testing.assert_close(score, expected, **TOLERANCE[torch.float64])
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, **TOLERANCE[torch.float64])
+
+
+def tied_pair():
+    """One text, one image with exact ties: image tokens 1 and 3 are equal and the best for every text token;
+    text tokens 0 and 2 are equal and the best for image tokens 1 and 3. Integer values, so ties are exact.
+
+    Returns the op's six inputs (all tokens valid, zero logits) and the expected arg-max of every text token
+    (over image tokens) and of every image token (over text tokens).
+    """
+    dim = 5
+    ones = torch.ones(dim, dtype=torch.float64)
+    text = torch.stack([ones, 0.5 * ones, ones])[None]  # [1, 3, D]
+    image = torch.stack([-ones, 2 * ones, -ones, 2 * ones])[None]  # [1, 4, D]
+    inputs = (text, image, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool),
+              torch.zeros(1, 3, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64))
+    best_image_token = [1, 1, 1]  # lowest of the tied {1, 3}
+    best_text_token = [1, 0, 1, 0]  # {0, 2} tie for u = 1, 3; t = 1 is best for u = 0, 2
+    return inputs, best_image_token, best_text_token
+
+
+def test_cpu_op_ties_store_lowest_index():
+    inputs, best_image_token, best_text_token = tied_pair()
+    _, text_argmax, image_argmax, text_max, image_max = torch.ops.cbd_fast.maxsim_forward(*inputs, "sum")
+    assert text_argmax.dtype == torch.int32
+    assert text_argmax[0, 0].tolist() == best_image_token
+    assert image_argmax[0, 0].tolist() == best_text_token
+    assert text_max[0, 0].tolist() == [10.0, 5.0, 10.0] and image_max[0, 0].tolist() == [-2.5, 10.0, -2.5, 10.0]
+
+
+@pytest.mark.parametrize("implementation", ["cpu", "torch", "reference"])
+def test_tie_gradient_goes_to_lowest_index(implementation):
+    inputs, best_image_token, best_text_token = tied_pair()
+    text, image = inputs[:2]
+    fn = reference.maxsim if implementation == "reference" else cbd_fast.maxsim
+    kw = {} if implementation == "reference" else {"backend": implementation}
+    _, (grad_text, grad_image, _, _) = score_and_grads(fn, *inputs, grad_score=torch.ones(1, 1), reduction="sum",
+                                                       **kw)
+    # s = ½ (Σ_t S[t, best_image_token[t]] + Σ_u S[best_text_token[u], u]) with these exact indices.
+    expected_text = torch.zeros_like(text)
+    expected_image = torch.zeros_like(image)
+    for t, u in enumerate(best_image_token):
+        expected_text[0, t] += 0.5 * image[0, u]
+        expected_image[0, u] += 0.5 * text[0, t]
+    for u, t in enumerate(best_text_token):
+        expected_text[0, t] += 0.5 * image[0, u]
+        expected_image[0, u] += 0.5 * text[0, t]
+    assert torch.equal(grad_text, expected_text)
+    assert torch.equal(grad_image, expected_image)
+    assert not torch.equal(grad_image[0, 1], grad_image[0, 3])  # the tie was not split
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs()
+    # Same values, other layouts: transposed storage, strided slices.
+    text_nc = text.transpose(1, 2).contiguous().transpose(1, 2)
+    image_nc = torch.stack([image, image], dim=-1)[..., 0]
+    text_mask_nc = text_mask.t().contiguous().t()
+    image_weight_nc = torch.stack([image_weight, image_weight], dim=-1)[..., 0]
+    assert not (text_nc.is_contiguous() or image_nc.is_contiguous() or text_mask_nc.is_contiguous()
+                or image_weight_nc.is_contiguous())
+    expected, expected_grads = score_and_grads(cbd_fast.maxsim, text, image, text_mask, image_mask, text_weight,
+                                               image_weight, backend=backend)
+    score, grads = score_and_grads(cbd_fast.maxsim, text_nc, image_nc, text_mask_nc, image_mask, text_weight,
+                                   image_weight_nc, backend=backend)
+    torch.testing.assert_close(score, expected, rtol=1e-12, atol=1e-12)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cpu_op_gradcheck(reduction):
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs(4, 3, 3, 4, 6, empty_image=2)
+    leaves = [x.requires_grad_() for x in (text, image, text_weight, image_weight)]
+
+    def score(text, image, text_weight, image_weight):
+        return torch.ops.cbd_fast.maxsim_forward(text, image, text_mask, image_mask, text_weight, image_weight,
+                                                 reduction)[0]
+
+    assert torch.autograd.gradcheck(score, leaves, eps=1e-6, atol=1e-7)
+
+
+def test_sum_and_mean_ignore_weights():
+    inputs = make_inputs()
+    _, grads = score_and_grads(cbd_fast.maxsim, *inputs, reduction="mean", backend="cpu")
+    assert torch.equal(grads[2], torch.zeros_like(grads[2])) and torch.equal(grads[3], torch.zeros_like(grads[3]))
+    text, image, text_mask, image_mask, text_weight, image_weight = inputs
+    assert torch.equal(cbd_fast.maxsim(text, image, text_mask, image_mask, text_weight, image_weight, "sum"),
+                       cbd_fast.maxsim(text, image, text_mask, image_mask, reduction="sum"))
+
+
+def test_cpu_op_independent_of_thread_count():
+    inputs = make_inputs(24, 16, 30, 20, 40, dtype=torch.float32, empty_text=3)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            results.append(score_and_grads(cbd_fast.maxsim, *inputs, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    (score_1, grads_1), (score_2, grads_2) = results
+    assert torch.equal(score_1, score_2)
+    assert all(torch.equal(g1, g2) for g1, g2 in zip(grads_1, grads_2))
+
+
+def test_cpu_op_independent_of_batch_composition():
+    """Each similarity is summed over D in a fixed order, whatever tile the pair lands in."""
+    text, image, text_mask, image_mask, _, _ = make_inputs(24, 16, 30, 20, 40, dtype=torch.float32)
+    full = cbd_fast.maxsim(text, image, text_mask, image_mask, backend="cpu")
+    part = cbd_fast.maxsim(text[7:9], image[3:], text_mask[7:9], image_mask[3:], backend="cpu")
+    assert torch.equal(part, full[7:9, 3:])
+
+
+def test_chunking_does_not_change_the_result(monkeypatch):
+    inputs = make_inputs(9, 4, 5, 3, 8)
+    one_shot = reference.maxsim(*inputs, max_elements=2**40)
+    torch.testing.assert_close(reference.maxsim(*inputs, max_elements=1), one_shot, rtol=1e-12, atol=1e-12)
+    expected = cbd_fast.maxsim(*inputs, backend="torch")
+    monkeypatch.setattr(maxsim_module, "TORCH_BLOCK_ELEMENTS", 2 * 5 * 4 * 3)  # blocks of 2 texts
+    torch.testing.assert_close(cbd_fast.maxsim(*inputs, backend="torch"), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(expected, one_shot, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batches(backend):
+    text, image = torch.randn(0, 3, 4), torch.randn(2, 5, 4)
+    assert cbd_fast.maxsim(text, image, backend=backend).shape == (0, 2)
+    assert cbd_fast.maxsim(image, text, backend=backend).shape == (2, 0)
+
+
+def test_opcheck_forward_and_backward():
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs(3, 4, 2, 5, 6, empty_image=1)
+    args = (text, image, text_mask, image_mask, text_weight, image_weight, "wti")
+    torch.library.opcheck(torch.ops.cbd_fast.maxsim_forward, args)
+    grad_args = tuple(x.clone().requires_grad_() if x.is_floating_point() else x for x in args[:6]) + ("wti",)
+    torch.library.opcheck(torch.ops.cbd_fast.maxsim_forward, grad_args)
+    saved = torch.ops.cbd_fast.maxsim_forward(*args)
+    grad_score = torch.randn(3, 2, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.cbd_fast.maxsim_backward, (grad_score, *args, *saved[1:]))
+    # Half-precision features: fp32 score and maxima, grads in the inputs' dtypes.
+    half_args = (text.half(), image.half(), text_mask, image_mask, text_weight.float(), image_weight.half(), "sum")
+    torch.library.opcheck(torch.ops.cbd_fast.maxsim_forward, half_args)
+    half_saved = torch.ops.cbd_fast.maxsim_forward(*half_args)
+    torch.library.opcheck(torch.ops.cbd_fast.maxsim_backward, (grad_score.float(), *half_args, *half_saved[1:]))
+
+
+def test_maxima_are_not_differentiable_outputs():
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs()
+    outputs = torch.ops.cbd_fast.maxsim_forward(text.requires_grad_(), image, text_mask, image_mask, text_weight,
+                                                image_weight, "wti")
+    assert outputs[0].requires_grad
+    assert not any(x.requires_grad for x in outputs[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change,error,match", [
+    (dict(text=torch.randn(5, 16)), ValueError, r"text must have shape \[Bt, T, D\]"),
+    (dict(image=torch.randn(4, 7, 15)), ValueError, r"image must have shape \[Bi, V, D\] with D = 16"),
+    (dict(text=torch.ones(5, 6, 16, dtype=torch.int64)), TypeError, "text must be float32"),
+    (dict(image=torch.randn(4, 7, 16, dtype=torch.float64)), TypeError, "image must have text's dtype"),
+    (dict(text_mask=torch.ones(5, 6)), TypeError, "text_mask must be a bool tensor"),
+    (dict(image_mask=torch.ones(4, 6, dtype=torch.bool)), ValueError, r"image_mask must have shape \[Bi, V\]"),
+    (dict(text_weight=torch.zeros(5, 7)), ValueError, r"text_weight must have shape \[Bt, T\]"),
+    (dict(image_weight=torch.zeros(4, 7, dtype=torch.int32)), TypeError, "image_weight must be a floating"),
+    (dict(image=torch.randn(4, 7, 16, device="meta")), ValueError, "image is on meta"),
+    (dict(text_mask=torch.ones(5, 6, dtype=torch.bool, device="meta")), ValueError, "text_mask is on meta"),
+    (dict(reduction="max"), ValueError, "reduction must be one of"),
+])
+def test_bad_inputs_name_the_argument(backend, change, error, match):
+    kwargs = dict(text=torch.randn(5, 6, 16), image=torch.randn(4, 7, 16), text_mask=None, image_mask=None,
+                  text_weight=None, image_weight=None, reduction="wti", backend=backend)
+    kwargs.update(change)
+    with pytest.raises(error, match=match):
+        cbd_fast.maxsim(**kwargs)
+
+
+def test_cpu_op_checks_its_arguments():
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs()
+    with pytest.raises(RuntimeError, match="text_mask must be bool"):
+        torch.ops.cbd_fast.maxsim_forward(text, image, text_mask.double(), image_mask, text_weight, image_weight,
+                                          "wti")
+    with pytest.raises(RuntimeError, match=r"image_weight must have shape \[Bi, V\]"):
+        torch.ops.cbd_fast.maxsim_forward(text, image, text_mask, image_mask, text_weight, image_weight[:, 1:],
+                                          "wti")
+    with pytest.raises(RuntimeError, match="reduction must be 'wti', 'sum' or 'mean'"):
+        torch.ops.cbd_fast.maxsim_forward(text, image, text_mask, image_mask, text_weight, image_weight, "max")
+    saved = torch.ops.cbd_fast.maxsim_forward(text, image, text_mask, image_mask, text_weight, image_weight, "wti")
+    with pytest.raises(RuntimeError, match="text_argmax and image_argmax must be int32"):
+        torch.ops.cbd_fast.maxsim_backward(torch.ones(5, 4, dtype=torch.float64), text, image, text_mask,
+                                           image_mask, text_weight, image_weight, "wti", saved[1].long(),
+                                           *saved[2:])
+    with pytest.raises(ValueError, match=re.escape("backend='cpu' runs the C++ kernels on CPU tensors")):
+        cbd_fast.maxsim(text.to("meta"), image.to("meta"), backend="cpu")
