@@ -1,4 +1,5 @@
-"""Collects the Banzhaf benchmark medians and prints / writes the summary table with the speed-up ratios."""
+"""Collects the benchmark medians and prints / writes the summary tables (Banzhaf with its speed-up ratios, MaxSim
+with peak memory) to ``benchmarks/results/``."""
 from __future__ import annotations
 
 import datetime
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 RESULTS_KEY = pytest.StashKey[dict]()
+MAXSIM_KEY = pytest.StashKey[dict]()
 RESULTS_FILE = Path(__file__).parent / "results" / "cpu_banzhaf.md"
+MAXSIM_FILE = Path(__file__).parent / "results" / "cpu_maxsim.md"
 
 # (label, size, mode, slower variant, target speed-up of "cpu" over it). Ratios compare per-draw times, which
 # equal the ratio of medians wherever both variants ran the same number of draws.
@@ -35,6 +38,7 @@ def _load_average() -> str:
 
 def pytest_configure(config):
     config.stash[RESULTS_KEY] = {}
+    config.stash[MAXSIM_KEY] = {}
     config.stash[LOAD_AT_START_KEY] = _load_average()
 
 
@@ -47,6 +51,28 @@ def bench_record(request):
         results[(size, mode, variant)] = dict(extra_info, median_s=median, min_s=minimum)
 
     return record
+
+
+@pytest.fixture
+def maxsim_record(request):
+    """record(variant, median_s, min_s, peak_bytes): one MaxSim row for the session summary."""
+    results = request.config.stash[MAXSIM_KEY]
+
+    def record(variant, median, minimum, peak):
+        results[variant] = dict(median_s=median, min_s=minimum, peak_bytes=peak)
+
+    return record
+
+
+def _maxsim_summary(results: dict) -> list[str]:
+    lines = ["| variant | median | min | peak memory | time vs C++ | memory vs C++ |", "|---|---|---|---|---|---|"]
+    fast = results.get("cpu")
+    for variant, row in results.items():
+        time_ratio = f"{row['median_s'] / fast['median_s']:.2f}×" if fast else "n/a"
+        memory_ratio = f"{row['peak_bytes'] / fast['peak_bytes']:.1f}×" if fast and fast["peak_bytes"] else "n/a"
+        lines.append(f"| {variant} | {_format_time(row['median_s'])} | {_format_time(row['min_s'])} | "
+                     f"{row['peak_bytes'] / 2**20:.2f} MiB | {time_ratio} | {memory_ratio} |")
+    return lines
 
 
 def _format_time(seconds: float) -> str:
@@ -114,6 +140,17 @@ def _summary(results: dict) -> list[str]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    maxsim_results = config.stash.get(MAXSIM_KEY, {})
+    if maxsim_results:
+        lines = _maxsim_summary(maxsim_results)
+        terminalreporter.write_sep("=", "MaxSim CPU benchmark summary (forward+backward, medians)")
+        for line in lines:
+            terminalreporter.write_line(line)
+        header = ["# CPU benchmark: cbd_fast.maxsim forward+backward (Bt=Bi=64, T=32, V=50, D=256, wti, fp32)", "",
+                  *_machine_info(config), ""]
+        MAXSIM_FILE.parent.mkdir(parents=True, exist_ok=True)
+        MAXSIM_FILE.write_text("\n".join([*header, *lines, ""]), encoding="utf-8")
+        terminalreporter.write_line(f"written to {MAXSIM_FILE}")
     results = config.stash.get(RESULTS_KEY, {})
     if not results:
         return

@@ -81,7 +81,7 @@ def forward_backward(variant: str, inputs: dict) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.benchmark(group=f"maxsim forward+backward Bt=Bi={NUM_TEXTS} T={TEXT_LEN} V={IMAGE_LEN} D={DIM}")
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_forward_backward(benchmark, variant):
+def test_forward_backward(benchmark, variant, maxsim_record):
     setup = rotating_inputs()
     (inputs,), _ = setup()
     peak = peak_cpu_bytes(lambda: forward_backward(variant, inputs))
@@ -90,6 +90,8 @@ def test_forward_backward(benchmark, variant):
     outputs = benchmark.pedantic(lambda inputs: forward_backward(variant, inputs), setup=setup,
                                  rounds=VARIANTS[variant], warmup_rounds=1, iterations=1)
     assert all(torch.isfinite(x).all() for x in outputs) and outputs[1].abs().sum() > 0
+    if not benchmark.disabled:
+        maxsim_record(variant, benchmark.stats.stats.median, benchmark.stats.stats.min, peak)
 
 
 def test_cpu_peak_memory_is_10x_below_the_reference():
