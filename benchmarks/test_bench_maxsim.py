@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import cbd_fast
-from benchmarks._memory import peak_cpu_bytes
+from _memory import peak_cpu_bytes  # benchmarks/ is on sys.path (rootdir-less test folder)
 from cbd_fast import reference
 
 NUM_TEXTS, NUM_IMAGES, TEXT_LEN, IMAGE_LEN, DIM = 64, 64, 32, 50, 256
