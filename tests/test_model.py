@@ -1,10 +1,11 @@
-"""Model layer: CLIP tokenizer."""
+"""Model layer: CLIP tokenizer, prompt pool."""
 import gzip
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from cbd_fast.model import ClipTokenizer
+from cbd_fast.model import ClipTokenizer, PromptPool
 from cbd_fast.model.tokenizer import VOCAB_PATH
 
 
@@ -79,3 +80,47 @@ def test_tokenizer_truncation_keeps_end_token():
     assert mask[1].sum() == 3 and ids[1, 2] == 49407
     with pytest.raises(ValueError):
         ClipTokenizer(context_length=1)
+
+
+# ------------------------------------------------------------------------------------------ prompt pool
+def _pool_with_axis_keys():
+    pool = PromptPool(pool_size=4, length=2, width=8, key_dim=4)
+    with torch.no_grad():
+        pool.keys.copy_(torch.eye(4) * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None])  # slot i <-> axis i
+    return pool
+
+
+def test_prompt_selection_per_sample_and_active_slots():
+    pool = _pool_with_axis_keys()
+    query = torch.tensor([[0.1, 0.9, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0], [1.0, 0.0, 0.2, 0.0], [0.0, 0.0, 1.0, 0.1]])
+    assert pool.num_active.item() == 1  # nothing trained yet: only slot 0
+    pool.set_num_active(4)
+    index, pull = pool.select(query)
+    assert index.tolist() == [1, 3, 0, 2]  # every sample its own best key, no batch vote
+    expected = F.cosine_similarity(query, pool.keys[index].detach(), dim=-1).mean()
+    torch.testing.assert_close(pull, expected)
+    pool.set_num_active(2)  # only tasks 0 and 1 seen: slots 2, 3 are never picked
+    index, _ = pool.select(query)
+    assert index.tolist() == [1, 0, 0, 0]  # samples 1 and 3 are orthogonal to both: ties go to slot 0
+    with pytest.raises(ValueError):
+        pool.set_num_active(5)
+
+
+def test_prompt_selection_train_and_oracle():
+    pool = _pool_with_axis_keys()
+    query = torch.randn(5, 4, requires_grad=True)
+    index, pull = pool.select(query, train_task=2)
+    assert index.tolist() == [2] * 5 and pool.num_active.item() == 3  # training task 2 activates slots 0..2
+    pull.backward()
+    assert query.grad is None  # the pull loss only moves the keys
+    assert pool.keys.grad[2].abs().sum() > 0 and pool.keys.grad[[0, 1, 3]].abs().sum() == 0
+    assert pool.select(query, task_id=3)[0].tolist() == [3] * 5  # oracle beyond the active slots
+    per_sample = torch.tensor([0, 3, 1, 1, 2])
+    assert pool.select(query, task_id=per_sample)[0].tolist() == per_sample.tolist()
+    with pytest.raises(ValueError):
+        pool.select(query, task_id=1, train_task=1)
+    with pytest.raises(ValueError):
+        pool.select(query, train_task=4)
+    with pytest.raises(ValueError):
+        pool.select(query, task_id=torch.tensor([0, 0, 0, 0, 7]))
+    assert pool(torch.tensor([3, 0])).shape == (2, 2, 8)
