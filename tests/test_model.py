@@ -1,11 +1,13 @@
-"""Model layer: CLIP tokenizer, prompt pool."""
+"""Model layer: CLIP tokenizer, prompt pool, dual encoder, config."""
 import gzip
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cbd_fast.model import ClipTokenizer, PromptPool
+from cbd_fast.model import (MODEL_PRESETS, ClipTokenizer, PromptPool, TokenFeatures, create_model,
+                            resolve_model_config)
 from cbd_fast.model.tokenizer import VOCAB_PATH
 
 
@@ -124,3 +126,162 @@ def test_prompt_selection_train_and_oracle():
     with pytest.raises(ValueError):
         pool.select(query, task_id=torch.tensor([0, 0, 0, 0, 7]))
     assert pool(torch.tensor([3, 0])).shape == (2, 2, 8)
+
+
+# ----------------------------------------------------------------------------------------- dual encoder
+TINY = {"preset": "tiny", "prompts": {"pool_size": 4, "length": 3}}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_model(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, 32, 32)
+    ids, mask = tiny.tokenize(["a photo of a cat", "two dogs play in the snow near a red house", "hi"])
+    return images, ids, mask
+
+
+def test_output_shapes_masks_and_norms(tiny, batch):
+    images, ids, mask = batch
+    with torch.no_grad():
+        for index in (None, torch.tensor([0, 1, 3])):
+            image = tiny.encode_image(images, index)
+            text = tiny.encode_text(ids, mask, index)
+            assert isinstance(image, TokenFeatures)
+            assert image.tokens.shape == (3, 17, 64)  # CLS + 4x4 patches; prompt tokens not returned
+            assert image.mask.shape == image.weight.shape == (3, 17) and image.mask.all()
+            assert text.tokens.shape == (3, 32, 64)
+            assert torch.equal(text.mask, mask)  # same mask as the tokenizer: prompts excluded, padding masked
+            assert image.pooled.shape == text.pooled.shape == (3, 64)
+            torch.testing.assert_close(image.tokens.norm(dim=-1), torch.ones(3, 17))
+            torch.testing.assert_close(text.tokens.norm(dim=-1), mask.float())  # 1 on tokens, 0 on padding
+            torch.testing.assert_close(image.pooled.norm(dim=-1), torch.ones(3))
+            torch.testing.assert_close(text.pooled.norm(dim=-1), torch.ones(3))
+            torch.testing.assert_close(image.pooled, image.tokens[:, 0])  # CLS
+            end = mask.sum(1) - 1
+            torch.testing.assert_close(text.pooled, text.tokens[torch.arange(3), end])  # end token
+            assert ids[torch.arange(3), end].eq(49407).all()
+            assert text.weight[~mask].eq(0).all()
+    # the WTI heads start at uniform weights
+    assert tiny.encode_image(images).weight.abs().max() == 0
+
+
+def test_padding_does_not_change_text_features(tiny):
+    ids, mask = tiny.tokenize(["a cat on a mat", "a much longer caption about a dog in a field"])
+    noisy = ids.clone()
+    noisy[~mask] = torch.randint(0, 49000, (int((~mask).sum()),))
+    with torch.no_grad():
+        for index in (None, torch.tensor([1, 2])):
+            a = tiny.encode_text(ids, mask, index)
+            b = tiny.encode_text(noisy, mask, index)
+            short = tiny.encode_text(ids[:1, :8], mask[:1, :8], None if index is None else index[:1])
+            torch.testing.assert_close(a.tokens, b.tokens)
+            torch.testing.assert_close(a.pooled, b.pooled)
+            torch.testing.assert_close(a.tokens[:1, :8], short.tokens, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a.pooled[:1], short.pooled, atol=1e-5, rtol=1e-5)
+
+
+def test_prompts_change_outputs_per_sample(tiny, batch):
+    images, ids, mask = batch
+    with torch.no_grad():
+        plain = tiny.encode_image(images)
+        mixed = tiny.encode_image(images, torch.tensor([0, 2, 2]))
+        first = tiny.encode_image(images[:1], torch.tensor([0]))
+        rest = tiny.encode_image(images[1:], torch.tensor([2, 2]))
+        text_plain = tiny.encode_text(ids, mask).pooled
+        text_prompted = tiny.encode_text(ids, mask, torch.tensor([1, 1, 1])).pooled
+    assert not torch.allclose(plain.pooled, mixed.pooled)
+    assert not torch.allclose(text_plain, text_prompted)
+    torch.testing.assert_close(mixed.tokens, torch.cat([first.tokens, rest.tokens]), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_prompts_heads_and_scale(batch):
+    images, ids, mask = batch
+    torch.manual_seed(0)
+    model = create_model(TINY)
+    out = model(images, ids, mask, train_task=1)
+    assert out.image_prompt_index.tolist() == [1, 1, 1] and out.text_prompt_index.tolist() == [1, 1, 1]
+    sims = torch.einsum("btd,bvd->btv", out.text.tokens, out.image.tokens)
+    loss = (model.scale() * sims.amax(-1) * out.text.weight.softmax(-1)).sum() \
+        + (out.image.weight * out.image.tokens[..., 0]).sum() - 0.1 * out.pull_loss
+    loss.backward()
+    for pool in (model.image_prompts, model.text_prompts):
+        assert pool.prompts.grad[1].abs().sum() > 0
+        assert pool.prompts.grad[[0, 2, 3]].abs().sum() == 0  # only the training slot moves
+        assert pool.keys.grad[1].abs().sum() > 0 and pool.keys.grad[[0, 2, 3]].abs().sum() == 0
+    for head in (model.image_weight_head, model.text_weight_head):
+        assert head.fc2.weight.grad.abs().sum() > 0
+    assert model.logit_scale.grad.abs() > 0
+    assert model.visual.trunk.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.text.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_logit_scale_init_and_clamp(tiny):
+    assert tiny.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    model = create_model({"preset": "tiny", "init_temperature": 0.001})
+    assert model.scale().item() == pytest.approx(100.0)
+
+
+def test_dual_encoder_select_prompts(tiny, batch):
+    images, ids, mask = batch
+    qi, qt = tiny.query_image(images), tiny.query_text(ids, mask)
+    assert not qi.requires_grad and qi.shape == (3, 64)
+    torch.testing.assert_close(qi, tiny.encode_image(images).pooled)
+    image_index, text_index, pull = tiny.select_prompts(qi, qt, task_id=torch.tensor([0, 1, 2]))
+    assert image_index.tolist() == text_index.tolist() == [0, 1, 2]
+    expected = 0.5 * (F.cosine_similarity(qi, tiny.image_prompts.keys[image_index], dim=-1).mean()
+                      + F.cosine_similarity(qt, tiny.text_prompts.keys[text_index], dim=-1).mean())
+    torch.testing.assert_close(pull, expected)
+    no_prompts = create_model({"preset": "tiny", "prompts": {"enabled": False}})
+    assert no_prompts.image_prompts is None
+    image_index, text_index, pull = no_prompts.select_prompts(qi, qt, train_task=0)
+    assert image_index is None and text_index is None and pull.item() == 0
+    with pytest.raises(ValueError, match="prompts are disabled"):
+        no_prompts.encode_image(images, torch.tensor([0, 0, 0]))
+
+
+# ----------------------------------------------------------------------------------- config and presets
+def test_presets_build_and_count():
+    assert {"tiny", "vit_b32"} <= set(MODEL_PRESETS)
+    cfg = resolve_model_config({"preset": "vit_b32"})
+    assert cfg["image"] == {"img_size": 224, "patch_size": 32, "width": 768, "depth": 12, "heads": 12,
+                            "mlp_ratio": 4.0, "act": "quick_gelu", "pre_norm": True}
+    assert cfg["text"]["context_length"] == 77 and cfg["embed_dim"] == 512
+    model = create_model({"preset": "vit_b32"})
+    clip_part = sum(p.numel() for n, p in model.named_parameters() if "prompts" not in n and "weight_head" not in n)
+    assert clip_part == 151_277_313  # OpenAI CLIP ViT-B/32
+    assert model.visual.num_tokens == 50
+    tiny = create_model({"preset": "tiny", "prompts": {"enabled": False}})
+    assert tiny.visual.num_tokens == 17 and tiny.text.context_length == 32
+
+
+def test_determinism_given_seed(batch):
+    images, ids, mask = batch
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        model = create_model(TINY)
+        with torch.no_grad():
+            out = model(images, ids, mask, train_task=0)
+        outputs.append((model.state_dict(), out))
+    (sd_a, out_a), (sd_b, out_b) = outputs
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert torch.equal(out_a.image.tokens, out_b.image.tokens) and torch.equal(out_a.text.tokens, out_b.text.tokens)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"unknown model config keys: .*image\.widht.*colour"):
+        create_model({"preset": "tiny", "image": {"widht": 8}, "colour": "red"})
+    with pytest.raises(ValueError, match="prompts.size"):
+        create_model({"prompts": {"size": 3}})
+    with pytest.raises(ValueError, match="unknown model preset 'vit_z'"):
+        create_model({"preset": "vit_z"})
+    with pytest.raises(ValueError, match="not divisible"):
+        create_model({"preset": "tiny", "image": {"heads": 3}})
+    with pytest.raises(ValueError, match="act"):
+        create_model({"preset": "tiny", "text": {"act": "relu"}})
