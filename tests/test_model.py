@@ -1,13 +1,14 @@
-"""Model layer: CLIP tokenizer, prompt pool, dual encoder, config."""
+"""Model layer: CLIP tokenizer, towers, prompt pool, dual encoder, config and CLIP checkpoint loading."""
 import gzip
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from cbd_fast.model import (MODEL_PRESETS, ClipTokenizer, PromptPool, TokenFeatures, create_model,
-                            resolve_model_config)
+from cbd_fast.model import (MODEL_PRESETS, ClipTokenizer, DualEncoder, PromptPool, TokenFeatures, create_model,
+                            load_openai_clip, resolve_model_config)
 from cbd_fast.model.tokenizer import VOCAB_PATH
 
 
@@ -285,3 +286,196 @@ def test_config_errors():
         create_model({"preset": "tiny", "image": {"heads": 3}})
     with pytest.raises(ValueError, match="act"):
         create_model({"preset": "tiny", "text": {"act": "relu"}})
+    with pytest.raises(FileNotFoundError):
+        create_model({"pretrained": "/nonexistent/ViT-B-32.pt"})
+
+
+# ---------------------------------------------------------------------------------- CLIP checkpoints
+CLIP_SIZES = dict(vision_width=128, vision_layers=2, patch=8, grid=4, text_width=64, text_layers=2,
+                  context=16, embed=32, vocab=49408)
+
+
+def _clip_state_dict(seed=0, vision_width=128, vision_layers=2, patch=8, grid=4, text_width=64, text_layers=2,
+                     context=16, embed=32, vocab=49408):
+    """A random state dict with OpenAI CLIP's ViT key names and layouts, at tiny sizes."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.1):
+        return torch.randn(*shape, generator=gen) * scale
+
+    sd = {
+        "visual.conv1.weight": rand(vision_width, 3, patch, patch),
+        "visual.class_embedding": rand(vision_width),
+        "visual.positional_embedding": rand(grid * grid + 1, vision_width),
+        "visual.ln_pre.weight": 1 + rand(vision_width), "visual.ln_pre.bias": rand(vision_width),
+        "visual.ln_post.weight": 1 + rand(vision_width), "visual.ln_post.bias": rand(vision_width),
+        "visual.proj": rand(vision_width, embed),
+        "token_embedding.weight": rand(vocab, text_width),
+        "positional_embedding": rand(context, text_width),
+        "ln_final.weight": 1 + rand(text_width), "ln_final.bias": rand(text_width),
+        "text_projection": rand(text_width, embed),
+        "logit_scale": torch.tensor(math.log(1 / 0.07)) + 0.5,
+    }
+    for prefix, width, layers in (("visual.transformer", vision_width, vision_layers),
+                                  ("transformer", text_width, text_layers)):
+        for n in range(layers):
+            p = f"{prefix}.resblocks.{n}."
+            sd.update({
+                p + "ln_1.weight": 1 + rand(width), p + "ln_1.bias": rand(width),
+                p + "attn.in_proj_weight": rand(3 * width, width), p + "attn.in_proj_bias": rand(3 * width),
+                p + "attn.out_proj.weight": rand(width, width), p + "attn.out_proj.bias": rand(width),
+                p + "ln_2.weight": 1 + rand(width), p + "ln_2.bias": rand(width),
+                p + "mlp.c_fc.weight": rand(4 * width, width), p + "mlp.c_fc.bias": rand(4 * width),
+                p + "mlp.c_proj.weight": rand(width, 4 * width), p + "mlp.c_proj.bias": rand(width),
+            })
+    return sd
+
+
+class _Root(nn.Module):
+    def forward(self) -> torch.Tensor:
+        return self.logit_scale.exp()
+
+
+def _save_torchscript(sd, path, dtype=torch.float16):
+    """TorchScript archive of a module tree whose parameters carry CLIP's names (half precision, with the
+    hyper-parameter buffers OpenAI's archives hold)."""
+    root = _Root()
+    for key, value in sd.items():
+        *parents, last = key.split(".")
+        node = root
+        for name in parents:
+            if name not in node._modules:
+                node.add_module(name, nn.Module())
+            node = node._modules[name]
+        node.register_parameter(last, nn.Parameter(value.to(dtype), requires_grad=False))
+    for name, value in (("input_resolution", 32), ("context_length", 16), ("vocab_size", 49408)):
+        root.register_buffer(name, torch.tensor(value))
+    with pytest.warns(FutureWarning):  # TorchScript is deprecated in torch, still OpenAI's format
+        torch.jit.script(root).save(str(path))
+
+
+def _layer_norm(x, sd, name):
+    return F.layer_norm(x, x.shape[-1:], sd[name + ".weight"], sd[name + ".bias"], eps=1e-5)
+
+
+def _clip_block(x, sd, p, heads, additive_mask):
+    batch, length, width = x.shape
+    h = _layer_norm(x, sd, p + "ln_1")
+    q, k, v = (h @ sd[p + "attn.in_proj_weight"].T + sd[p + "attn.in_proj_bias"]).chunk(3, dim=-1)
+    q, k, v = (t.reshape(batch, length, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    attn = (q @ k.transpose(-1, -2) / math.sqrt(width // heads) + additive_mask).softmax(-1)
+    h = (attn @ v).transpose(1, 2).reshape(batch, length, width)
+    x = x + h @ sd[p + "attn.out_proj.weight"].T + sd[p + "attn.out_proj.bias"]
+    h = _layer_norm(x, sd, p + "ln_2") @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"]
+    h = h * torch.sigmoid(1.702 * h)  # QuickGELU
+    return x + h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
+
+
+def _clip_encode_image(sd, images, heads, layers):
+    """CLIP's visual forward written out; returns (pooled [B, D], all tokens after ln_post @ proj)."""
+    patch = sd["visual.conv1.weight"].shape[-1]
+    x = F.conv2d(images, sd["visual.conv1.weight"], stride=patch).flatten(2).transpose(1, 2)
+    cls = sd["visual.class_embedding"].expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + sd["visual.positional_embedding"]
+    x = _layer_norm(x, sd, "visual.ln_pre")
+    for n in range(layers):
+        x = _clip_block(x, sd, f"visual.transformer.resblocks.{n}.", heads, 0.0)
+    tokens = _layer_norm(x, sd, "visual.ln_post") @ sd["visual.proj"]
+    return tokens[:, 0], tokens
+
+
+def _clip_encode_text(sd, ids, heads, layers):
+    """CLIP's text forward written out: causal -inf mask, pooled at the arg-max id (the end token)."""
+    length = ids.shape[1]
+    x = sd["token_embedding.weight"][ids] + sd["positional_embedding"][:length]
+    causal = torch.full((length, length), float("-inf"), dtype=x.dtype).triu(1)
+    for n in range(layers):
+        x = _clip_block(x, sd, f"transformer.resblocks.{n}.", heads, causal)
+    x = _layer_norm(x, sd, "ln_final")
+    return x[torch.arange(ids.shape[0]), ids.argmax(dim=-1)] @ sd["text_projection"]
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory):
+    sd = _clip_state_dict(**CLIP_SIZES)
+    folder = tmp_path_factory.mktemp("clip")
+    torch.save(sd, folder / "clip_state_dict.pt")
+    _save_torchscript(sd, folder / "clip_torchscript.pt")
+    return sd, folder / "clip_state_dict.pt", folder / "clip_torchscript.pt"
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript"])
+def test_load_openai_clip_matches_clip_forward(clip_files, kind):
+    sd, plain_path, jit_path = clip_files
+    path = plain_path if kind == "state_dict" else jit_path
+    if kind == "torchscript":  # the archive is half precision: compare against the rounded weights
+        sd = {k: v.half().float() if v.is_floating_point() else v for k, v in sd.items()}
+    model = create_model({"pretrained": str(path), "prompts": {"pool_size": 3, "length": 2}})
+
+    # sizes inferred from the checkpoint; heads by CLIP's width // 64 rule
+    cfg = model.config
+    assert cfg["embed_dim"] == 32 and cfg["text"]["context_length"] == 16
+    assert {k: cfg["image"][k] for k in ("img_size", "patch_size", "width", "depth", "heads", "pre_norm")} == \
+        {"img_size": 32, "patch_size": 8, "width": 128, "depth": 2, "heads": 2, "pre_norm": True}
+    assert (cfg["text"]["width"], cfg["text"]["depth"], cfg["text"]["heads"]) == (64, 2, 1)
+
+    report = model.load_report
+    assert report.unexpected == []
+    assert all(("prompts" in k) or ("weight_head" in k) for k in report.missing) and report.missing
+    trunk = model.visual.trunk
+    assert torch.equal(trunk.patch_embed.proj.weight, sd["visual.conv1.weight"])
+    assert trunk.patch_embed.proj.bias is None or trunk.patch_embed.proj.bias.eq(0).all()
+    assert torch.equal(trunk.cls_token[0, 0], sd["visual.class_embedding"])
+    assert torch.equal(trunk.pos_embed[0], sd["visual.positional_embedding"])
+    assert torch.equal(trunk.norm_pre.weight, sd["visual.ln_pre.weight"])
+    assert torch.equal(trunk.blocks[1].attn.qkv.weight, sd["visual.transformer.resblocks.1.attn.in_proj_weight"])
+    assert torch.equal(trunk.blocks[1].mlp.fc2.bias, sd["visual.transformer.resblocks.1.mlp.c_proj.bias"])
+    assert torch.equal(trunk.norm.bias, sd["visual.ln_post.bias"])
+    assert torch.equal(model.visual.proj.weight, sd["visual.proj"].T)
+    assert torch.equal(model.text.blocks[0].attn.proj.weight, sd["transformer.resblocks.0.attn.out_proj.weight"])
+    assert torch.equal(model.text.blocks[1].norm2.weight, sd["transformer.resblocks.1.ln_2.weight"])
+    assert torch.equal(model.text.proj.weight, sd["text_projection"].T)
+    assert torch.equal(model.text.token_embedding.weight, sd["token_embedding.weight"])
+    assert model.logit_scale.item() == pytest.approx(sd["logit_scale"].item())
+
+    # outputs equal a hand-written CLIP forward on the same weights (float64 on both sides)
+    model = model.double().eval()
+    sd64 = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ids, mask = model.tokenize(["a photo of a cat", "a diagram of a cooperative game between tokens"])
+    with torch.no_grad():
+        image = model.encode_image(images)
+        text = model.encode_text(ids, mask)
+    ref_pooled, ref_tokens = _clip_encode_image(sd64, images, heads=2, layers=2)
+    torch.testing.assert_close(image.pooled, F.normalize(ref_pooled, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(image.tokens, F.normalize(ref_tokens, dim=-1), atol=1e-5, rtol=0)
+    ref_text = _clip_encode_text(sd64, ids, heads=1, layers=2)
+    torch.testing.assert_close(text.pooled, F.normalize(ref_text, dim=-1), atol=1e-5, rtol=0)
+
+
+def test_load_openai_clip_errors_and_report(clip_files, tmp_path):
+    sd, plain_path, _ = clip_files
+    with pytest.raises(ValueError, match=r"image\.width: config 64, checkpoint 128"):
+        create_model({"pretrained": str(plain_path), "image": {"width": 64}})
+    with pytest.raises(ValueError, match="disagrees"):
+        create_model({"pretrained": str(plain_path), "preset": "tiny"})
+    with pytest.raises(ValueError, match="unknown model config keys: pretrianed"):
+        create_model({"pretrained": str(plain_path), "pretrianed": 1})
+    # explicit heads are honoured (not stored in CLIP checkpoints)
+    model = create_model({"pretrained": str(plain_path), "image": {"heads": 4}, "prompts": {"enabled": False}})
+    assert model.config["image"]["heads"] == 4 and model.load_report.missing == [
+        k for k in model.state_dict() if "weight_head" in k]
+    # wrong sizes: every mismatch is listed
+    with pytest.raises(ValueError, match="does not fit"):
+        load_openai_clip(create_model(TINY), sd)
+    # unknown keys are reported, wrapped and DataParallel-prefixed dicts are read
+    extra = {"module." + k: v for k, v in {**sd, "visual.attnpool.weight": torch.zeros(1)}.items()}
+    torch.save({"state_dict": extra}, tmp_path / "wrapped.pt")
+    model = create_model({"pretrained": str(tmp_path / "wrapped.pt")})
+    assert model.load_report.unexpected == ["visual.attnpool.weight"]
+    resnet = {"visual.layer1.0.conv1.weight": torch.zeros(1)}
+    torch.save(resnet, tmp_path / "rn50.pt")
+    with pytest.raises(ValueError, match="ResNet"):
+        create_model({"pretrained": str(tmp_path / "rn50.pt")})
+    assert isinstance(model, DualEncoder)

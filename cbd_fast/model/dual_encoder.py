@@ -100,6 +100,7 @@ class DualEncoder(nn.Module):
             self.text_prompts = None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg["init_temperature"])))
         self._tokenizer: Optional[ClipTokenizer] = None
+        self.load_report = None  # ClipLoadReport when create_model loaded a checkpoint
 
     # ----------------------------------------------------------------------------------------- inputs
     @property
