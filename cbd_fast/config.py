@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
         "warmup_steps": 20,
         "grad_clip": 1.0,
         "bf16": "auto",  # autocast to bf16 on GPU
-        "num_workers": 0,
+        "prompt_query": "old_model",  # prompt-pool queries from the frozen previous-task model, or "prompt_free"
         "replay": {"strategy": "reservoir", "size": 128, "batch_size": 16},  # strategy: reservoir | per_task | none
     },
     "loss": {
