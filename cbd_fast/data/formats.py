@@ -154,10 +154,11 @@ def load_wikipedia(root: str | Path, max_words: int = 64) -> list[Record]:
     categories_file = root / "categories.list"
     _require_file(categories_file, what, WIKIPEDIA_LAYOUT)
     categories = _category_names(categories_file)
-    records = []
-    for split, list_name in (("train", "trainset_txt_img_cat.list"), ("test", "testset_txt_img_cat.list")):
-        list_file = root / list_name
+    list_files = {"train": root / "trainset_txt_img_cat.list", "test": root / "testset_txt_img_cat.list"}
+    for list_file in list_files.values():  # both indices before any article: layout errors come first
         _require_file(list_file, what, WIKIPEDIA_LAYOUT)
+    records = []
+    for split, list_file in list_files.items():
         for line_number, line in enumerate(_read_lines(list_file), start=1):
             parts = line.split()
             if len(parts) != 3 or not parts[2].isdigit() or not 1 <= int(parts[2]) <= len(categories):
