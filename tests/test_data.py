@@ -1,6 +1,7 @@
 """Data layer: synthetic generator, dataset items, caption rotation, dataset readers, scenarios, configs."""
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -182,6 +183,7 @@ def test_items_have_the_contracted_shapes_and_normalisation(image_size):
     assert item["label"] == int(dataset.labels[5]) and item["index"] == 5
     assert dataset.labels.dtype == torch.long and dataset.labels.shape == (len(dataset),)
     assert dataset[-1]["index"] == len(dataset) - 1
+    assert type(dataset[np.int64(5)]["index"]) is int and dataset[torch.tensor(5)]["caption"] == item["caption"]
     with pytest.raises(IndexError):
         dataset[len(dataset)]
 
@@ -233,12 +235,16 @@ def write_image(path: Path, colour) -> None:
     Image.new("RGB", (24, 16), colour).save(path)
 
 
-def make_pascal(root: Path, categories=("aeroplane", "bird", "cat", "dog"), per_category=5, beside=False) -> Path:
+def make_pascal(root: Path, categories=("aeroplane", "bird", "cat", "dog"), per_category=5,
+                layout="parallel") -> Path:
+    """layout: "parallel" (images/, sentences/), "beside" (.txt next to .jpg) or "alias" (dataset/, sentence/)."""
+    image_dir, sentence_dir = {"parallel": ("images", "sentences"), "beside": ("", ""),
+                               "alias": ("dataset", "sentence")}[layout]
     for c, category in enumerate(categories):
         for k in range(per_category):
             stem = f"2008_{c:02d}{k:03d}"
-            image = (root / category if beside else root / "images" / category) / f"{stem}.jpg"
-            text = (root / category if beside else root / "sentences" / category) / f"{stem}.txt"
+            image = root / image_dir / category / f"{stem}.jpg"
+            text = root / sentence_dir / category / f"{stem}.txt"
             write_image(image, (40 * c, 10 * k, 100))
             text.parent.mkdir(parents=True, exist_ok=True)
             text.write_text("".join(f"A {category} number {k}, sentence {s}.\n" for s in range(5)) + "\n")
@@ -268,9 +274,9 @@ def make_wikipedia(root: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- Pascal
-@pytest.mark.parametrize("beside", [False, True])
-def test_pascal_sentence_tasks_counts_and_all_five_sentences(tmp_path, beside):
-    root = make_pascal(tmp_path / "pascal", beside=beside)
+@pytest.mark.parametrize("layout", ["parallel", "beside", "alias"])
+def test_pascal_sentence_tasks_counts_and_all_five_sentences(tmp_path, layout):
+    root = make_pascal(tmp_path / "pascal", layout=layout)
     tasks = build_tasks({"scenario": "pascal_sentence", "root": str(root), "num_tasks": 2, "test_fraction": 0.2},
                         16, seed=0)
     assert [len(t.class_names) for t in tasks] == [2, 2]
@@ -312,6 +318,9 @@ def test_pascal_missing_files_name_the_path(tmp_path):
         build_tasks({"scenario": "pascal_sentence", "root": str(root)}, 16, 0)
     with pytest.raises(DatasetLayoutError, match="expected layout"):
         build_tasks({"scenario": "pascal_sentence", "root": str(tmp_path / "nowhere")}, 16, 0)
+    shutil.rmtree(root / "sentences")
+    with pytest.raises(DatasetLayoutError, match=re.escape(str(root / "sentences"))):
+        build_tasks({"scenario": "pascal_sentence", "root": str(root)}, 16, 0)
 
 
 # ------------------------------------------------------------------------------------------------ Wikipedia

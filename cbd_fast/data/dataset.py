@@ -103,6 +103,7 @@ class ImageTextDataset(Dataset):
         return load_image(self.image_paths[index], self.image_size)
 
     def __getitem__(self, index: int) -> dict:
+        index = int(index)  # samplers may hand over numpy or tensor integers; items carry a plain int
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):

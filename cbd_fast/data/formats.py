@@ -62,10 +62,13 @@ def _read_lines(path: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- Pascal
-PASCAL_LAYOUT = """  root/images/<category>/<stem>.jpg      (one folder per category)
-  root/sentences/<category>/<stem>.txt   (same stem, one sentence per line)
+PASCAL_LAYOUT = """  root/images/<category>/<stem>.jpg      (one folder per category; "dataset/" also accepted)
+  root/sentences/<category>/<stem>.txt   (same stem, one sentence per line; "sentence/" also accepted)
 or
   root/<category>/<stem>.jpg with <stem>.txt beside it"""
+# folder names of the parallel layout: ours first, then those of a widely shared copy of the corpus
+_PASCAL_IMAGE_DIRS = ("images", "dataset")
+_PASCAL_SENTENCE_DIRS = ("sentences", "sentence")
 
 
 def load_pascal_sentence(root: str | Path) -> list[Record]:
@@ -73,9 +76,11 @@ def load_pascal_sentence(root: str | Path) -> list[Record]:
     root = Path(root)
     what = "Pascal Sentence"
     _require_dir(root, what, PASCAL_LAYOUT)
-    if (root / "images").is_dir():
-        image_root, sentence_root = root / "images", root / "sentences"
-        _require_dir(sentence_root, what, PASCAL_LAYOUT)
+    image_root = next((root / d for d in _PASCAL_IMAGE_DIRS if (root / d).is_dir()), None)
+    if image_root is not None:
+        sentence_root = next((root / d for d in _PASCAL_SENTENCE_DIRS if (root / d).is_dir()), None)
+        if sentence_root is None:
+            _require_dir(root / _PASCAL_SENTENCE_DIRS[0], what, PASCAL_LAYOUT)
     else:
         image_root = sentence_root = root
     records = []
