@@ -88,7 +88,12 @@ TEMPLATES = (
 )
 
 
-_ARTICLE_SLOT = re.compile(r"\x00 (\w)")
+_ARTICLE_SLOT = re.compile(r"\x00 (\w)")  # the article placeholder and the first letter of the next word
+
+
+def _article(match: re.Match) -> str:
+    letter = match.group(1)
+    return ("an " if letter in "aeiou" else "a ") + letter
 
 
 def make_captions(attrs: Mapping[str, str], noisy_background: bool, rng: np.random.Generator,
@@ -98,14 +103,13 @@ def make_captions(attrs: Mapping[str, str], noisy_background: bool, rng: np.rand
     Shape and colour always appear under their canonical names (``attrs['shape']``, ``attrs['colour']``), so a
     caption always names its class.
     """
+    def pick(options: Sequence[str]) -> str:
+        return options[int(rng.integers(len(options)))]
+
     captions = []
     for template_index in rng.permutation(len(TEMPLATES))[:count]:
-        def pick(options: Sequence[str]) -> str:
-            return options[int(rng.integers(len(options)))]
-
-        size = pick(_SIZE_WORDS[attrs["size"]])
         words = {
-            "size": size,
+            "size": pick(_SIZE_WORDS[attrs["size"]]),
             "size_noun": _SIZE_NOUNS[attrs["size"]],
             "colour": attrs["colour"],
             "shape": attrs["shape"],
@@ -117,7 +121,7 @@ def make_captions(attrs: Mapping[str, str], noisy_background: bool, rng: np.rand
         }
         text = TEMPLATES[template_index].format(a="\x00", **words)
         # "a" or "an", agreeing with the word that follows the article in this template
-        captions.append(_ARTICLE_SLOT.sub(lambda m: ("an " if m.group(1) in "aeiou" else "a ") + m.group(1), text))
+        captions.append(_ARTICLE_SLOT.sub(_article, text))
     return captions
 
 
