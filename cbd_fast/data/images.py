@@ -57,8 +57,14 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return resized.round().clamp_(0, 255).to(torch.uint8)
 
 
+# (x / 255 - mean) / std  ==  x · scale + shift: two in-place passes over a fresh float copy per item read
+_SCALE = (1.0 / (255.0 * torch.tensor(CLIP_STD, dtype=torch.float64))).to(torch.float32).view(3, 1, 1)
+_SHIFT = (-torch.tensor(CLIP_MEAN, dtype=torch.float64) / torch.tensor(CLIP_STD, dtype=torch.float64)
+          ).to(torch.float32).view(3, 1, 1)
+
+
 def normalize_uint8(image: torch.Tensor) -> torch.Tensor:
-    """``uint8 [3, H, W]`` → ``float32 [3, H, W]`` scaled to [0, 1] then normalised with CLIP mean/std."""
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
-    return (image.to(torch.float32) / 255.0 - mean) / std
+    """``uint8 [3, H, W]`` (or ``[N, 3, H, W]``) → ``float32`` of the same shape: scaled to [0, 1], then
+    normalised with CLIP mean/std."""
+    # copy=True: the in-place ops below must never write into a caller's (already float) tensor
+    return image.to(torch.float32, copy=True).mul_(_SCALE).add_(_SHIFT)
