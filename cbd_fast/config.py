@@ -56,8 +56,21 @@ def _merge(base: dict, update: dict, path: str, strict_sections: tuple[str, ...]
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             out[key] = _merge(base[key], value, f"{where}.", strict_sections)
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = _coerce(where, base.get(key), copy.deepcopy(value))
     return out
+
+
+def _coerce(where: str, default, value):
+    """Numbers stay numbers: YAML 1.1 reads ``2e-3`` as a string, so a numeric key accepts numeric strings."""
+    numeric_default = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if numeric_default and isinstance(value, str):
+        try:
+            value = float(value) if isinstance(default, float) or any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise ValueError(f"config key '{where}' must be a number, got {value!r}") from None
+    if numeric_default and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"config key '{where}' must be a number, got {value!r}")
+    return value
 
 
 STRICT_SECTIONS = ("", "train", "train.replay", "loss", "eval")

@@ -131,6 +131,9 @@ def test_config_overrides_and_unknown_keys():
     assert cfg["train"]["batch_size"] == config_lib.DEFAULTS["train"]["batch_size"]
     with pytest.raises(KeyError, match="loss.banzaf"):
         config_lib.resolve({}, ["loss.banzaf=1"])
+    assert config_lib.resolve({}, ["train.lr=2e-3"])["train"]["lr"] == pytest.approx(2e-3)  # YAML 1.1 string
+    with pytest.raises(ValueError, match="train.epochs' must be a number"):
+        config_lib.resolve({}, ["train.epochs=many"])
     with pytest.raises(ValueError, match="key=value"):
         config_lib.resolve({}, ["train.epochs"])
     assert config_lib.builtin_config("default")["data"]["scenario"] == "synthetic"

@@ -162,7 +162,7 @@ class Trainer:
         parts = {"contrastive": total.item()}
         if cfg["prompt"]:
             total = total - cfg["prompt"] * pull
-            parts["prompt_pull"] = float(pull)
+            parts["prompt_pull"] = pull.item()
         if self.old_model is None or cfg["method"] == "finetune":
             return LossTerms(total, parts)
         with torch.no_grad():
