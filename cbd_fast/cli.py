@@ -21,12 +21,25 @@ def _train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging() -> None:
+    """One concise line per epoch on stderr (the progress bars show the rest)."""
+    import logging
+
+    logger = logging.getLogger("cbd_fast")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     from . import config as config_lib
     from .eval.report import format_table
     from .train.loop import Trainer
 
     args = _train_parser().parse_args(argv)
+    _configure_logging()
     user = config_lib.load_yaml(args.config) if args.config else config_lib.builtin_config("default")
     overrides = list(args.overrides)
     if args.device:
@@ -41,7 +54,10 @@ def train_main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         else:
             print(f"no checkpoint in {trainer.run_dir}; starting from scratch", file=sys.stderr)
-    document = trainer.run()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # log lines print above the progress bars
+        document = trainer.run()
     print(format_table(document))
     print(f"outputs: {trainer.run_dir}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import pathlib
 import time
@@ -31,6 +32,7 @@ from .losses import (InteractionPredictor, banzhaf_distillation_loss, contrastiv
 from .replay import ReplayBuffer
 
 _MIX = 0x9E3779B97F4A7C15
+log = logging.getLogger("cbd_fast.train")
 
 
 def derived_seed(*parts: int) -> int:
@@ -86,6 +88,7 @@ class Trainer:
         self.next_task, self.next_epoch = 0, 0
         self.results: list[list[dict[str, float]]] = []  # results[i][j]: metrics on task j after task i
         self.epoch_seconds: list[float] = []
+        self.loss_history: list[dict[str, float]] = []  # mean of every loss term per epoch
         self.optimizer = self.scheduler = None
 
     # --- set-up per task -------------------------------------------------------------------------------------------
@@ -234,12 +237,19 @@ class Trainer:
                 bar = tqdm(self._batches(task_index, epoch), total=self._steps_per_epoch(task_index),
                            desc=f"task {task_index + 1}/{len(self.tasks)} epoch {epoch + 1}/{epochs}",
                            leave=False, disable=not self.show_progress, position=1)
+                sums: dict[str, float] = {}
                 for step, batch in bar:
                     seed = derived_seed(self.config["seed"], task_index, epoch, step, 2)
                     terms = self._step(batch, task_index, seed)
+                    for name, value in (("loss", terms.total.item()), *terms.parts.items()):
+                        sums[name] = sums.get(name, 0.0) + value
                     bar.set_postfix(loss=f"{terms.total.item():.3f}", **{k: f"{v:.3f}" for k, v in
                                                                           list(terms.parts.items())[:3]})
                 self.epoch_seconds.append(time.perf_counter() - started)
+                means = {name: total / (step + 1) for name, total in sums.items()}
+                self.loss_history.append({"task": task_index, "epoch": epoch, **means})
+                log.info("task %d epoch %d/%d  %s  (%.1f s)", task_index + 1, epoch + 1, epochs,
+                         "  ".join(f"{k}={v:.4f}" for k, v in means.items()), self.epoch_seconds[-1])
                 self.next_task, self.next_epoch = task_index, epoch + 1
                 if epoch + 1 == epochs:
                     self._finish_task(task_index)
@@ -273,7 +283,7 @@ class Trainer:
         return {"name": self.config["name"], "tasks": names, "tasks_trained": len(self.results),
                 "accuracy_matrices": matrices, "summary": summaries,
                 "per_task_results": [{"after_task": i, "results": row} for i, row in enumerate(self.results)],
-                "seconds_per_epoch": self.epoch_seconds}
+                "seconds_per_epoch": self.epoch_seconds, "loss_history": self.loss_history}
 
     def _save(self) -> None:
         state = {
@@ -286,6 +296,7 @@ class Trainer:
             "replay": self.replay.state_dict(),
             "next_task": self.next_task, "next_epoch": self.next_epoch,
             "results": json.dumps(self.results), "epoch_seconds": self.epoch_seconds,
+            "loss_history": json.dumps(self.loss_history),
         }
         checkpoint.save_atomic(state, self.run_dir / "checkpoints" / "last.pt")
 
@@ -305,6 +316,7 @@ class Trainer:
         self.replay.load_state_dict(state["replay"])
         self.results = json.loads(state["results"])
         self.epoch_seconds = list(state["epoch_seconds"])
+        self.loss_history = json.loads(state["loss_history"])
         self.next_task, self.next_epoch = state["next_task"], state["next_epoch"]
         if self.next_task < len(self.tasks) and self.next_epoch > 0:
             # mid-task: the optimizer and schedule continue where they stopped
