@@ -385,17 +385,32 @@ struct PairGame {
   }
 };
 
-// Runs fn(pair, first_draw, end_draw, slice_index) over all (pair, slice) work items in parallel.
+// Runs fn(pair_game, sampler, first_draw, end_draw, acc) on every (pair, draw slice) work item in parallel, each
+// with its own zeroed row `acc` of `width` doubles; returns the rows summed over the slices of each pair in slice
+// order: [B, width]. The only reduction across threads, so results do not depend on the thread count.
 template <typename Fn>
-void for_each_slice(const Game& game, const Slicing& slicing, const Fn& fn) {
+at::Tensor reduce_over_slices(const Game& game, int64_t width, const Fn& fn) {
+  const Slicing slicing = make_slicing(game);
+  auto partial = at::zeros({game.batch, slicing.slices_per_pair, width}, at::kDouble);
+  double* partial_ptr = partial.data_ptr<double>();
   at::parallel_for(0, game.batch * slicing.slices_per_pair, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / slicing.slices_per_pair, slice = item % slicing.slices_per_pair;
       const int64_t k0 = std::min(slice * slicing.draws_per_slice, game.num_draws[b]);
       const int64_t k1 = std::min(k0 + slicing.draws_per_slice, game.num_draws[b]);
-      fn(b, k0, k1, slice);
+      PairGame pg(game, b);
+      CoalitionSampler sampler(game, b);
+      fn(pg, sampler, k0, k1, partial_ptr + item * width);
     }
   });
+  return partial.sum(1);
+}
+
+// ½ (v = ½(f + g)) times the 1/K of the Monte Carlo mean, per pair: [B, 1].
+at::Tensor half_over_draws(const Game& game) {
+  auto scale = at::empty({game.batch, 1}, at::kDouble);
+  for (int64_t b = 0; b < game.batch; ++b) scale.data_ptr<double>()[b] = 0.5 / static_cast<double>(game.num_draws[b]);
+  return scale;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -403,14 +418,9 @@ void for_each_slice(const Game& game, const Slicing& slicing, const Fn& fn) {
 
 Tensor3 paired_forward(const Game& game) {
   const int64_t B = game.batch, T = game.text_len, V = game.image_len, TV = T * V;
-  const Slicing slicing = make_slicing(game);
-  const int64_t stride = TV + T + V;  // partial sums of one work item: [interaction | text value | image value]
-  auto partial = at::zeros({B, slicing.slices_per_pair, stride}, at::kDouble);
-  double* partial_ptr = partial.data_ptr<double>();
-  for_each_slice(game, slicing, [&](int64_t b, int64_t k0, int64_t k1, int64_t slice) {
-    PairGame pg(game, b);
-    CoalitionSampler sampler(game, b);
-    double* acc = partial_ptr + (b * slicing.slices_per_pair + slice) * stride;
+  // one row per work item: [interaction | text value | image value]
+  auto total = reduce_over_slices(game, TV + T + V, [&](PairGame& pg, CoalitionSampler& sampler, int64_t k0,
+                                                          int64_t k1, double* acc) {
     double *text_acc = acc + TV, *image_acc = acc + TV + T;
     for (int64_t k = k0; k < k1; ++k) {
       sampler.draw(k, pg.text_in.data(), pg.image_in.data());
@@ -419,32 +429,23 @@ Tensor3 paired_forward(const Game& game) {
       pg.image_half.accumulate(acc, 1, V, image_acc, text_acc);
     }
   });
-  // Fixed-order reduction over slices, then ½ (v = ½(f + g)) and the 1/K of the mean.
-  auto total = partial.sum(1);
-  auto scale = at::empty({B, 1}, at::kDouble);
-  for (int64_t b = 0; b < B; ++b) scale.data_ptr<double>()[b] = 0.5 / static_cast<double>(game.num_draws[b]);
-  total.mul_(scale);
+  total.mul_(half_over_draws(game));
   return {total.narrow(1, 0, TV).reshape({B, T, V}), total.narrow(1, TV, T), total.narrow(1, TV + T, V)};
 }
 
 Tensor3 paired_backward(const Game& game, const at::Tensor& grad_interaction, const at::Tensor& grad_text_value,
                         const at::Tensor& grad_image_value) {
   const int64_t B = game.batch, T = game.text_len, V = game.image_len, TV = T * V;
-  const Slicing slicing = make_slicing(game);
   // Coefficients of each draw's terms: dL/d(estimate) · ½ / K.
-  auto scale = at::empty({B, 1, 1}, at::kDouble);
-  for (int64_t b = 0; b < B; ++b) scale.data_ptr<double>()[b] = 0.5 / static_cast<double>(game.num_draws[b]);
-  auto coef_sd = (grad_interaction.to(at::kDouble) * scale).contiguous();
-  auto coef_text = (grad_text_value.to(at::kDouble) * scale.view({B, 1})).contiguous();
-  auto coef_image = (grad_image_value.to(at::kDouble) * scale.view({B, 1})).contiguous();
-  const int64_t stride = TV + T + V;  // [grad sim | grad text w | grad image w]
-  auto partial = at::zeros({B, slicing.slices_per_pair, stride}, at::kDouble);
-  double* partial_ptr = partial.data_ptr<double>();
-  for_each_slice(game, slicing, [&](int64_t b, int64_t k0, int64_t k1, int64_t slice) {
-    PairGame pg(game, b);
-    CoalitionSampler sampler(game, b);
+  const auto scale = half_over_draws(game);
+  auto coef_sd = (grad_interaction.to(at::kDouble) * scale.view({B, 1, 1})).contiguous();
+  auto coef_text = (grad_text_value.to(at::kDouble) * scale).contiguous();
+  auto coef_image = (grad_image_value.to(at::kDouble) * scale).contiguous();
+  // one row per work item: [grad sim | dL/dw text | dL/dw image]
+  auto total = reduce_over_slices(game, TV + T + V, [&](PairGame& pg, CoalitionSampler& sampler, int64_t k0,
+                                                          int64_t k1, double* acc) {
+    const int64_t b = sampler.pair;
     std::vector<double> g_with(std::max(T, V)), g_without(std::max(T, V));
-    double* acc = partial_ptr + (b * slicing.slices_per_pair + slice) * stride;
     const double* cs = coef_sd.data_ptr<double>() + b * TV;
     const double* ct = coef_text.data_ptr<double>() + b * T;
     const double* ci = coef_image.data_ptr<double>() + b * V;
@@ -456,11 +457,9 @@ Tensor3 paired_backward(const Game& game, const at::Tensor& grad_interaction, co
       pg.image_half.backward(cs, 1, V, ci, ct, acc, 1, V, acc + TV + T, g_with, g_without);
     }
   });
-  auto total = partial.sum(1);
   // dL/d(logit) = w · dL/dw.
-  auto grad_text_w = total.narrow(1, TV, T) * game.text_w;
-  auto grad_image_w = total.narrow(1, TV + T, V) * game.image_w;
-  return {total.narrow(1, 0, TV).reshape({B, T, V}), grad_text_w, grad_image_w};
+  return {total.narrow(1, 0, TV).reshape({B, T, V}), total.narrow(1, TV, T) * game.text_w,
+          total.narrow(1, TV + T, V) * game.image_w};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -472,17 +471,12 @@ struct MsrSums {
 };
 
 MsrSums msr_sums(const Game& game) {
-  const int64_t B = game.batch, T = game.text_len, V = game.image_len, TV = T * V;
+  const int64_t T = game.text_len, V = game.image_len, TV = T * V;
   const int64_t stride = TV + T + V + 1;
-  const Slicing slicing = make_slicing(game);
-  auto partial = at::zeros({2, B, slicing.slices_per_pair, stride}, at::kDouble);
-  double* sums = partial[0].data_ptr<double>();
-  double* counts = partial[1].data_ptr<double>();
-  for_each_slice(game, slicing, [&](int64_t b, int64_t k0, int64_t k1, int64_t slice) {
-    PairGame pg(game, b);
-    CoalitionSampler sampler(game, b);
-    const int64_t offset = (b * slicing.slices_per_pair + slice) * stride;
-    double *s = sums + offset, *n = counts + offset;
+  // one row per work item: [sums | counts]
+  auto total = reduce_over_slices(game, 2 * stride, [&](PairGame& pg, CoalitionSampler& sampler, int64_t k0,
+                                                          int64_t k1, double* acc) {
+    double *s = acc, *n = acc + stride;
     for (int64_t k = k0; k < k1; ++k) {
       sampler.draw(k, pg.text_in.data(), pg.image_in.data());
       pg.prepare();
@@ -500,8 +494,7 @@ MsrSums msr_sums(const Game& game) {
       s[TV + T + V] += v, n[TV + T + V] += 1;
     }
   });
-  auto total = partial.sum(2);
-  return {total[0], total[1]};
+  return {total.narrow(1, 0, stride).contiguous(), total.narrow(1, stride, stride).contiguous()};
 }
 
 // The four strata of every (i, j) as (sum, count) views, from the joint, marginal and total sums.
@@ -554,14 +547,9 @@ Tensor3 msr_backward(const Game& game, const at::Tensor& grad_interaction, const
   auto gt = grad_text_value.to(at::kDouble), gv = grad_image_value.to(at::kDouble);
   auto wt1 = (gt * inverse_count(st.nt1)).contiguous(), wt0 = (-gt * inverse_count(st.nt0)).contiguous();
   auto wv1 = (gv * inverse_count(st.nv1)).contiguous(), wv0 = (-gv * inverse_count(st.nv0)).contiguous();
-  const Slicing slicing = make_slicing(game);
-  const int64_t stride = TV + T + V;
-  auto partial = at::zeros({B, slicing.slices_per_pair, stride}, at::kDouble);
-  double* partial_ptr = partial.data_ptr<double>();
-  for_each_slice(game, slicing, [&](int64_t b, int64_t k0, int64_t k1, int64_t slice) {
-    PairGame pg(game, b);
-    CoalitionSampler sampler(game, b);
-    double* acc = partial_ptr + (b * slicing.slices_per_pair + slice) * stride;
+  auto total = reduce_over_slices(game, TV + T + V, [&](PairGame& pg, CoalitionSampler& sampler, int64_t k0,
+                                                          int64_t k1, double* acc) {
+    const int64_t b = sampler.pair;
     const double *p11 = w11.data_ptr<double>() + b * TV, *p10 = w10.data_ptr<double>() + b * TV;
     const double *p01 = w01.data_ptr<double>() + b * TV, *p00 = w00.data_ptr<double>() + b * TV;
     const double *pt1 = wt1.data_ptr<double>() + b * T, *pt0 = wt0.data_ptr<double>() + b * T;
@@ -582,7 +570,6 @@ Tensor3 msr_backward(const Game& game, const at::Tensor& grad_interaction, const
       pg.image_half.value_backward(0.5 * coef, acc, 1, V, acc + TV + T);
     }
   });
-  auto total = partial.sum(1);
   return {total.narrow(1, 0, TV).reshape({B, T, V}), total.narrow(1, TV, T) * game.text_w,
           total.narrow(1, TV + T, V) * game.image_w};
 }
