@@ -67,6 +67,14 @@ def test_train_outputs_and_exact_resume(tmp_path, capsys):
     assert "forgetting" in capsys.readouterr().out
 
 
+def test_data_from_a_scenario_file(tmp_path):
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(yaml.safe_dump(TINY["data"]))
+    config = dict(TINY, data=str(scenario), train=dict(TINY["train"], epochs=1), loss=dict(TINY["loss"], method="finetune"))
+    assert _run(tmp_path, "from_file", config=config) == 0
+    assert _metrics(tmp_path, "from_file")["tasks"] == ["synthetic/task0", "synthetic/task1"]
+
+
 @pytest.mark.parametrize("overrides", [{"method": "finetune"}, {"banzhaf_source": "module", "token_kind": "kl"}])
 def test_other_methods_run(tmp_path, overrides):
     config = dict(TINY, train=dict(TINY["train"], epochs=1), loss=dict(TINY["loss"], **overrides))

@@ -19,7 +19,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..data import Task, build_tasks
+from ..data import Task, build_tasks, load_scenario
 from ..eval.evaluate import evaluate_task
 from ..eval.metrics import continual_summary
 from ..eval.report import write_reports
@@ -77,7 +77,10 @@ class Trainer:
         torch.manual_seed(config["seed"])
         self.model = create_model(config["model"]).to(self.device)
         self.image_size = self.model.image_size
-        self.tasks: list[Task] = build_tasks(config["data"], self.image_size, config["seed"])
+        data_cfg = config["data"]
+        if isinstance(data_cfg, str):  # a scenario file, e.g. configs/scenarios/pascal_sentence.yaml
+            data_cfg = load_scenario(data_cfg)
+        self.tasks: list[Task] = build_tasks(data_cfg, self.image_size, config["seed"])
         self.predictor = InteractionPredictor(self.loss_cfg["module_hidden"]).to(self.device) \
             if self.loss_cfg["banzhaf_source"] == "module" else None
         self.old_model = None
