@@ -31,6 +31,7 @@ def _configure_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -56,7 +57,9 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"no checkpoint in {trainer.run_dir}; starting from scratch", file=sys.stderr)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm():  # log lines print above the progress bars
+    import logging
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger("cbd_fast")]):  # log lines print above the bars
         document = trainer.run()
     print(format_table(document))
     print(f"outputs: {trainer.run_dir}")
