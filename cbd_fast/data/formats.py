@@ -1,7 +1,8 @@
 """Readers for the on-disk formats users bring: Pascal Sentence, Wikipedia, Karpathy-split JSON, CSV/JSONL.
 
 Every reader returns a list of :class:`Record` (image path, all its captions, class name or None, split or None)
-in a deterministic order, after checking that every image file exists; turning records into tasks is
+in a deterministic order, after checking that every image file exists (``require_images=False`` leaves that to
+the caller, for ``on_bad_image: skip``); turning records into tasks is
 :mod:`cbd_fast.data.scenario`'s job. Missing files and folders raise :class:`DatasetLayoutError` naming the
 path and the layout that was expected.
 """
@@ -151,7 +152,7 @@ def _category_names(path: Path) -> list[str]:
     return names
 
 
-def load_wikipedia(root: str | Path, max_words: int = 64) -> list[Record]:
+def load_wikipedia(root: str | Path, max_words: int = 64, require_images: bool = True) -> list[Record]:
     """Wikipedia (Rasiwasia et al.): one record per (article, image) pair with its official train/test split."""
     root = Path(root)
     what = "Wikipedia"
@@ -175,7 +176,8 @@ def load_wikipedia(root: str | Path, max_words: int = 64) -> list[Record]:
             records.append(Record(image=root / "images" / category / f"{image_id}.jpg",
                                   captions=[wikipedia_article_text(text_file, max_words)],
                                   class_name=category, split=split))
-    check_images_exist(records, what, WIKIPEDIA_LAYOUT)
+    if require_images:
+        check_images_exist(records, what, WIKIPEDIA_LAYOUT)
     return records
 
 
@@ -186,7 +188,8 @@ KARPATHY_LAYOUT = """  annotations JSON: {"images": [{"filename": ..., "filepath
 
 
 def load_karpathy(annotations: str | Path, image_root: str | Path,
-                  train_splits: Sequence[str] = ("train", "restval"), test_split: str = "test") -> list[Record]:
+                  train_splits: Sequence[str] = ("train", "restval"), test_split: str = "test",
+                  require_images: bool = True) -> list[Record]:
     """Karpathy-split JSON (Flickr30K, MS-COCO): records of the train splits and the test split; no classes."""
     annotations, image_root = Path(annotations), Path(image_root)
     what = "Karpathy split"
@@ -220,7 +223,8 @@ def load_karpathy(annotations: str | Path, image_root: str | Path,
     if not records:
         raise DatasetLayoutError(f"{what}: {annotations} lists no image in splits {list(train_splits)} or "
                                  f"{test_split!r}")
-    check_images_exist(records, what, KARPATHY_LAYOUT)
+    if require_images:
+        check_images_exist(records, what, KARPATHY_LAYOUT)
     return records
 
 
@@ -250,7 +254,7 @@ def _table_rows(path: Path) -> list[dict]:
     raise DatasetLayoutError(f"{path}: unknown table type (use .csv, .tsv or .jsonl)\n{TABLE_LAYOUT}")
 
 
-def load_table(path: str | Path, split: str | None = None) -> list[Record]:
+def load_table(path: str | Path, split: str | None = None, require_images: bool = True) -> list[Record]:
     """Generic CSV/JSONL pairs; ``split`` (if given) is assigned to every record of this file."""
     path = Path(path)
     what = "CSV/JSONL"
@@ -283,5 +287,6 @@ def load_table(path: str | Path, split: str | None = None) -> list[Record]:
     labelled = {r.class_name is not None for r in records}
     if len(labelled) > 1:
         raise DatasetLayoutError(f"{what}: {path}: either every row has a label or none does")
-    check_images_exist(records, what, TABLE_LAYOUT)
+    if require_images:
+        check_images_exist(records, what, TABLE_LAYOUT)
     return records
