@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from .images import Augment
+
 
 class ConfigError(ValueError):
     """A scenario configuration that cannot be used as written (unknown key, bad value, wrong type)."""
@@ -53,6 +55,55 @@ def get_bool(cfg: Mapping[str, Any], key: str, default: bool, where: str) -> boo
     if not isinstance(value, bool):
         raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
     return value
+
+
+def get_choice(cfg: Mapping[str, Any], key: str, choices: Iterable[str], default: str, where: str) -> str:
+    """``cfg[key]``, one of ``choices`` (``default`` when absent or null)."""
+    choices = tuple(choices)
+    value = cfg.get(key, default)
+    if value is None:
+        value = default
+    if value not in choices:
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+AUGMENT_KEYS = {"crop_scale", "crop_ratio", "flip"}
+
+
+def _number_pair(value: Any, key: str, where: str) -> tuple[float, float]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+        raise ConfigError(f"{where}: augment.{key} must be a list of two numbers [lo, hi], got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def get_augment(cfg: Mapping[str, Any], default: Augment | None, where: str) -> Augment | None:
+    """The ``augment`` entry as an :class:`Augment`, or None for no augmentation.
+
+    Absent: ``default``. ``null`` or ``false``: none. ``true``: the standard one (``Augment()``). A mapping:
+    ``crop_scale: [lo, hi]`` (0 < lo ≤ hi ≤ 1), ``crop_ratio: [lo, hi]`` (width/height), ``flip: bool``; keys left
+    out take the values of ``Augment()``.
+    """
+    if "augment" not in cfg:
+        return default
+    value = cfg["augment"]
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Augment()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: augment must be null, false, true or a mapping with keys "
+                          f"{', '.join(sorted(AUGMENT_KEYS))}; got {value!r}")
+    check_keys(value, AUGMENT_KEYS, f"{where}: augment")
+    standard = Augment()
+    options = {"crop_scale": _number_pair(value.get("crop_scale", standard.crop_scale), "crop_scale", where),
+               "crop_ratio": _number_pair(value.get("crop_ratio", standard.crop_ratio), "crop_ratio", where),
+               "flip": get_bool(value, "flip", standard.flip, f"{where}: augment")}
+    try:
+        return Augment(**options)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: augment: {exc}") from None
 
 
 def load_scenario(path: str | Path) -> dict:

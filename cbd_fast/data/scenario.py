@@ -6,6 +6,11 @@ tasks). Labelled sources are split into class-disjoint tasks; unlabelled ones (K
 into disjoint random chunks of images. Class labels are unique across a whole scenario: contiguous per task,
 in task order (``task.class_ids``). Everything random is drawn from ``seed`` (or ``data_seed`` when set), so a
 configuration always gives the same tasks.
+
+Train datasets of file-based scenarios are augmented by default (``augment``: a mild random resized crop, no
+flip; see :class:`~cbd_fast.data.images.Augment`); synthetic ones are not. ``on_bad_image`` (file-based):
+``error`` (default) fails on a missing or undecodable image file, ``skip`` drops it with its captions and logs
+one warning per :func:`build_tasks` call (paths in ``dataset.skipped``).
 """
 from __future__ import annotations
 
@@ -13,14 +18,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, check_keys, get_bool, get_fraction, get_int
-from .dataset import ImageTextDataset, Task
+from .config import ConfigError, check_keys, get_augment, get_bool, get_choice, get_fraction, get_int
+from .dataset import ON_BAD_IMAGE, ImageTextDataset, Task, report_skipped_images
 from .formats import Record, load_karpathy, load_pascal_sentence, load_table, load_wikipedia
+from .images import Augment
 from .splits import even_chunks, rng_for, split_classes, split_train_test
 from .synthetic import SYNTHETIC_KEYS, build_synthetic_tasks
 
 # keys every file-based scenario understands
-_FILE_KEYS = {"scenario", "name", "num_tasks", "data_seed", "preload", "max_train_per_task", "max_test_per_task"}
+_FILE_KEYS = {"scenario", "name", "num_tasks", "data_seed", "preload", "max_train_per_task", "max_test_per_task",
+              "augment", "on_bad_image"}
+# train augmentation of file-based scenarios when ``augment`` is absent: a mild crop; no flip, since captions
+# may say left or right
+FILE_AUGMENT = Augment(crop_scale=(0.9, 1.0), flip=False)
 _CLASS_KEYS = {"classes_per_task", "shuffle_classes"}
 SCENARIO_KEYS: dict[str, set[str]] = {
     "synthetic": SYNTHETIC_KEYS,
@@ -56,7 +66,10 @@ def build_tasks(data_cfg: Mapping[str, Any], image_size: int, seed: int) -> list
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ConfigError(f"image_size must be an integer ≥ 8, got {image_size!r}")
     validate_config(data_cfg)
-    return _build(data_cfg, image_size, int(seed), label_offset=0, prefix=None)
+    tasks = _build(data_cfg, image_size, int(seed), label_offset=0, prefix=None)
+    report_skipped_images([(path, dataset.skip_reasons[path]) for task in tasks
+                           for dataset in (task.train, task.test) for path in dataset.skipped])
+    return tasks
 
 
 def _data_seed(cfg: Mapping[str, Any], seed: int, where: str) -> int:
@@ -90,10 +103,13 @@ def _root(cfg: Mapping[str, Any], where: str) -> Path:
 
 
 def _load_records(kind: str, cfg: Mapping[str, Any], where: str) -> list[Record]:
+    # with on_bad_image: skip, missing files are dropped (and reported) by the datasets instead
+    require = get_choice(cfg, "on_bad_image", ON_BAD_IMAGE, "error", where) == "error"
     if kind == "pascal_sentence":
         return load_pascal_sentence(_root(cfg, where))
     if kind == "wikipedia":
-        return load_wikipedia(_root(cfg, where), max_words=get_int(cfg, "max_words", 64, where, minimum=1))
+        return load_wikipedia(_root(cfg, where), max_words=get_int(cfg, "max_words", 64, where, minimum=1),
+                              require_images=require)
     if kind == "karpathy":
         root = _root(cfg, where)
         annotations = cfg.get("annotations")
@@ -104,14 +120,15 @@ def _load_records(kind: str, cfg: Mapping[str, Any], where: str) -> list[Record]
         if isinstance(train_splits, str):
             train_splits = [train_splits]
         return load_karpathy(annotations if annotations.is_absolute() else root / annotations, root,
-                             train_splits=tuple(train_splits), test_split=str(cfg.get("test_split", "test")))
+                             train_splits=tuple(train_splits), test_split=str(cfg.get("test_split", "test")),
+                             require_images=require)
     if kind == "csv":
         single, train_path, test_path = cfg.get("path"), cfg.get("train_path"), cfg.get("test_path")
         if single and not (train_path or test_path):
-            return load_table(Path(str(single)).expanduser())
+            return load_table(Path(str(single)).expanduser(), require_images=require)
         if train_path and test_path and not single:
-            return (load_table(Path(str(train_path)).expanduser(), split="train")
-                    + load_table(Path(str(test_path)).expanduser(), split="test"))
+            return (load_table(Path(str(train_path)).expanduser(), split="train", require_images=require)
+                    + load_table(Path(str(test_path)).expanduser(), split="test", require_images=require))
         raise ConfigError(f"{where}: set either 'path' (one file, split by test_fraction or its split column) "
                           f"or both 'train_path' and 'test_path'")
     raise AssertionError(kind)
@@ -151,6 +168,8 @@ def tasks_from_records(records: Sequence[Record], cfg: Mapping[str, Any], *, ima
     max_train = None if max_train is None else get_int(cfg, "max_train_per_task", 0, where, minimum=1)
     max_test = None if max_test is None else get_int(cfg, "max_test_per_task", 0, where, minimum=1)
     preload = get_bool(cfg, "preload", False, where)
+    augment = get_augment(cfg, FILE_AUGMENT, where)
+    on_bad_image = get_choice(cfg, "on_bad_image", ON_BAD_IMAGE, "error", where)
     labelled = records[0].class_name is not None
 
     groups: list[tuple[list[str], list[Record], list[Record]]] = []  # class names, train, test
@@ -183,17 +202,23 @@ def tasks_from_records(records: Sequence[Record], cfg: Mapping[str, Any], *, ima
         name = f"{prefix}/task{task_index}"
         train = _cap(train, max_train, seed, f"{name}-train")
         test = _cap(test, max_test, seed, f"{name}-test")
-        if not train or not test:
-            raise ConfigError(f"{where}: task {name} ({', '.join(names) or 'unlabelled'}) has "
-                              f"{len(train)} train and {len(test)} test images; both must be non-empty")
         label_of = {class_name: label_offset + k for k, class_name in enumerate(names)}
 
         def dataset(members: list[Record], train_split: bool) -> ImageTextDataset:
             return ImageTextDataset([r.image for r in members], [r.captions for r in members],
                                     [label_of.get(r.class_name, -1) for r in members], image_size=image_size,
-                                    train=train_split, seed=seed, preload=preload)
+                                    train=train_split, seed=seed, preload=preload,
+                                    augment=augment if train_split else None, on_bad_image=on_bad_image,
+                                    report_skipped=False)  # build_tasks reports all skipped files at once
 
-        tasks.append(Task(name=name, train=dataset(train, True), test=dataset(test, False), class_names=list(names),
+        train_set, test_set = dataset(train, True), dataset(test, False)
+        if not len(train_set) or not len(test_set):
+            dropped = len(train_set.skipped) + len(test_set.skipped)
+            raise ConfigError(f"{where}: task {name} ({', '.join(names) or 'unlabelled'}) has "
+                              f"{len(train_set)} train and {len(test_set)} test images"
+                              + (f" after skipping {dropped} bad image file(s)" if dropped else "")
+                              + "; both must be non-empty")
+        tasks.append(Task(name=name, train=train_set, test=test_set, class_names=list(names),
                           class_ids=[label_of[n] for n in names]))
         label_offset += len(names)
     return tasks

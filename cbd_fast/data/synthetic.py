@@ -14,6 +14,9 @@ moves the same features earlier tasks rely on.
 Determinism: every sample is drawn from its own generator seeded by ``(seed, class, split, index)`` and rendered
 with single-threaded numpy arithmetic, so images (``uint8``) and captions are bitwise identical for a given seed,
 whatever the thread count or the order of generation. Attributes and captions do not depend on ``image_size``.
+
+No train augmentation by default (``augment`` absent or null): captions name positions ("top left"), which a
+flip would contradict and a strong crop could cut off; a mild crop can be asked for with ``augment``.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, check_keys, get_fraction, get_int
+from .config import ConfigError, check_keys, get_augment, get_fraction, get_int
 from .dataset import ImageTextDataset, Task
+from .images import Augment
 from .splits import rng_for, split_classes
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -282,7 +286,7 @@ def draw_sample(attrs: dict, rng: np.random.Generator, captions_per_image: int, 
 # --------------------------------------------------------------------------------------------- the scenario
 SYNTHETIC_KEYS = {"scenario", "name", "num_tasks", "classes_per_task", "class_by", "task_grid", "train_per_class",
                   "test_per_class", "heldout_fraction", "captions_per_image", "distractor_prob", "noise_prob",
-                  "data_seed"}
+                  "data_seed", "augment"}
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,7 @@ class SyntheticOptions:
     captions_per_image: int = 3
     distractor_prob: float = 0.3
     noise_prob: float = 0.5
+    augment: Augment | None = None  # train augmentation (none by default); generated images do not depend on it
 
     @property
     def nuisance(self) -> tuple[str, ...]:
@@ -329,6 +334,7 @@ class SyntheticOptions:
             captions_per_image=get_int(cfg, "captions_per_image", 3, where, minimum=1),
             distractor_prob=get_fraction(cfg, "distractor_prob", 0.3, where),
             noise_prob=get_fraction(cfg, "noise_prob", 0.5, where),
+            augment=get_augment(cfg, None, where),
         )
         if options.captions_per_image > len(TEMPLATES):
             raise ConfigError(f"{where}: captions_per_image must be ≤ {len(TEMPLATES)} (one per template)")
@@ -448,7 +454,8 @@ def build_synthetic_tasks(cfg: Mapping[str, Any], image_size: int, seed: int, la
                 splits[split][2].extend([label_offset + local] * len(specs))
         datasets = {
             split: ImageTextDataset(torch.from_numpy(np.concatenate(images)), captions, labels,
-                                    image_size=image_size, train=split == "train", seed=seed)
+                                    image_size=image_size, train=split == "train", seed=seed,
+                                    augment=options.augment if split == "train" else None)
             for split, (images, captions, labels) in splits.items()
         }
         tasks.append(Task(name=f"{prefix}/task{task_index}", train=datasets["train"], test=datasets["test"],
