@@ -1,6 +1,7 @@
 """Data layer: synthetic generator, dataset items, caption rotation, dataset readers, scenarios, configs."""
 import hashlib
 import json
+import logging
 import re
 import shutil
 import time
@@ -16,7 +17,7 @@ from cbd_fast.data import (CLIP_MEAN, CLIP_STD, ConfigError, DatasetLayoutError,
                            build_tasks, load_scenario, validate_config)
 from cbd_fast.data import synthetic
 from cbd_fast.data.formats import truncate_text
-from cbd_fast.data.images import load_image
+from cbd_fast.data.images import Augment, BadImageError, load_image, normalize_uint8
 
 SCENARIO_DIR = Path(__file__).resolve().parents[1] / "configs" / "scenarios"
 SMALL = {"train_per_class": 6, "test_per_class": 3}  # tiny synthetic scenarios for the quick checks
@@ -490,3 +491,163 @@ def test_wiki_pascal_scenario_file_builds_with_edited_roots(tmp_path):
     tasks = build_tasks(cfg, 16, 0)
     assert len(tasks) == 6 and [len(t.class_names) for t in tasks] == [1, 1, 1, 2, 2, 2]
     assert [i for t in tasks for i in t.class_ids] == list(range(9))
+
+
+# -------------------------------------------------------------------------------------------- augmentation
+def test_train_augmentation_is_seeded_by_item_and_epoch_and_spares_test():
+    images = torch.randint(0, 256, (12, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    captions = [[f"s{i}"] for i in range(12)]
+    augment = Augment(crop_scale=(0.5, 0.9), flip=True)
+
+    def make(train=True, seed=3, aug=augment):
+        return ImageTextDataset(images, captions, image_size=16, train=train, seed=seed, augment=aug)
+
+    train, test = make(), make(train=False)
+    plain = [normalize_uint8(images[i]) for i in range(12)]
+    assert test.augment is None and all(torch.equal(test[i]["image"], plain[i]) for i in range(12))
+    assert all(not torch.equal(train[i]["image"], plain[i]) for i in range(12))  # area ≤ 0.9: always a crop
+    assert torch.equal(make(aug=None)[4]["image"], plain[4])
+
+    rng_state = torch.get_rng_state()
+    epoch0 = [train[i]["image"] for i in range(12)]
+    torch.manual_seed(123)  # the global RNG plays no part
+    again = make()  # a fresh dataset, as after resuming
+    assert all(torch.equal(again[i]["image"], epoch0[i]) and torch.equal(train[i]["image"], epoch0[i])
+               for i in range(12))
+    torch.set_rng_state(rng_state)
+    for dataset in (train, again):
+        dataset.set_epoch(1)
+    epoch1 = [train[i]["image"] for i in range(12)]
+    assert all(not torch.equal(a, b) for a, b in zip(epoch0, epoch1))
+    assert all(torch.equal(again[i]["image"], epoch1[i]) for i in range(12))
+    train.set_epoch(0)
+    assert all(torch.equal(train[i]["image"], epoch0[i]) for i in range(12))
+    other_seed = make(seed=4)
+    assert sum(torch.equal(other_seed[i]["image"], epoch0[i]) for i in range(12)) == 0
+    low, high = normalize_uint8(torch.zeros(3, 1, 1)), normalize_uint8(torch.full((3, 1, 1), 255.0))
+    assert all(((low - 1e-4 <= image) & (image <= high + 1e-4)).all() for image in epoch0 + epoch1)
+
+    # flip only: every item is its image or its mirror image, both occur
+    flips = make(aug=Augment(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=True))
+    mirrored = [torch.equal(flips[i]["image"], plain[i].flip(-1)) for i in range(12)]
+    kept = [torch.equal(flips[i]["image"], plain[i]) for i in range(12)]
+    assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
+
+
+def write_gradient(path: Path, shift: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:20, 0:28]
+    Image.fromarray(np.stack([x * 9, y * 12, (x * y + shift) % 256], -1).astype(np.uint8)).save(path)
+
+
+def test_augment_config_defaults_and_values(tmp_path):
+    rows = ["image_path,caption,split"]
+    for k in range(6):
+        write_gradient(tmp_path / f"g{k}.png", 40 * k)
+        rows.append(f"g{k}.png,gradient {k},{'test' if k >= 4 else 'train'}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    cfg = {"scenario": "csv", "path": str(tmp_path / "pairs.csv")}
+    task = build_tasks(cfg, 16, 0)[0]
+    assert task.train.augment == Augment(crop_scale=(0.9, 1.0), flip=False) and task.test.augment is None
+    assert torch.equal(task.test[0]["image"], normalize_uint8(load_image(task.test.image_paths[0], 16)))
+    assert not torch.equal(task.train[0]["image"], normalize_uint8(task.train.image_uint8(0)))
+    for off in (None, False):
+        plain = build_tasks({**cfg, "augment": off}, 16, 0)[0].train
+        assert plain.augment is None and torch.equal(plain[0]["image"], normalize_uint8(plain.image_uint8(0)))
+    custom = build_tasks({**cfg, "augment": {"crop_scale": [0.5, 0.8], "flip": True}}, 16, 0)[0].train
+    assert custom.augment == Augment(crop_scale=(0.5, 0.8), crop_ratio=(0.8, 1.25), flip=True)
+    for bad, message in (({"scale": [0.5, 1]}, "'scale'.*did you mean 'crop_scale'"),
+                         ({"crop_scale": [0.9]}, "two numbers"), ({"crop_scale": [0.0, 1.0]}, "0 < lo"),
+                         ({"flip": "yes"}, "flip must be true or false"), ("strong", "augment must be")):
+        with pytest.raises(ConfigError, match=message):
+            build_tasks({**cfg, "augment": bad}, 16, 0)
+    # synthetic: none by default, on request like the others
+    mild = build_tasks({**SMALL, "num_tasks": 1, "augment": {"crop_scale": [0.8, 1.0]}}, 16, 0)[0]
+    assert mild.train.augment == Augment(crop_scale=(0.8, 1.0)) and mild.test.augment is None
+
+
+def test_synthetic_default_is_not_augmented(default_tasks):
+    tasks, _ = default_tasks
+    assert all(task.train.augment is None for task in tasks)
+    train = tasks[0].train
+    train.set_epoch(3)
+    assert torch.equal(to_uint8(train[7]["image"]), train.image_tensor[7])
+    train.set_epoch(0)
+
+
+# ------------------------------------------------------------------------------------------ bad image files
+def make_bad_table(root: Path, missing: bool = True, corrupt: bool = True) -> tuple[Path, dict[str, Path]]:
+    """A CSV of 8 good gradient images (6 train, 2 test) plus bad ones: garbage bytes, a truncated JPEG (train),
+    a file that does not exist (test)."""
+    rows = ["image_path,caption,split"]
+    for k in range(8):
+        write_gradient(root / f"ok{k}.jpg", 30 * k)
+        rows.append(f"ok{k}.jpg,good {k},{'test' if k >= 6 else 'train'}")
+    bad = {}
+    if corrupt:
+        bad["garbage"] = root / "garbage.jpg"
+        bad["garbage"].write_bytes(b"this is not a jpeg" * 20)
+        bad["truncated"] = root / "truncated.jpg"
+        data = (root / "ok0.jpg").read_bytes()
+        bad["truncated"].write_bytes(data[:len(data) // 2])
+        rows += ["garbage.jpg,bad garbage,train", "truncated.jpg,bad truncated,train",
+                 "truncated.jpg,bad truncated again,train"]
+    if missing:
+        bad["missing"] = root / "missing.jpg"
+        rows.append("missing.jpg,bad missing,test")
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return root / "pairs.csv", bad
+
+
+def test_bad_images_raise_naming_the_file_by_default(tmp_path):
+    table, bad = make_bad_table(tmp_path)
+    with pytest.raises(DatasetLayoutError, match=re.escape(str(bad["missing"]))):
+        build_tasks({"scenario": "csv", "path": str(table)}, 16, 0)  # missing: when the dataset is built
+
+    table, bad = make_bad_table(tmp_path / "corrupt", missing=False)
+    cfg = {"scenario": "csv", "path": str(table), "on_bad_image": "error"}
+    train = build_tasks(cfg, 16, 0)[0].train  # undecodable: when the image is read
+    for kind in ("garbage", "truncated"):
+        index = train.image_paths.index(bad[kind])
+        with pytest.raises(BadImageError, match=re.escape(str(bad[kind]))):
+            train[index]
+    with pytest.raises(BadImageError, match=re.escape(str(bad["garbage"])) + ".*UnidentifiedImageError"):
+        build_tasks({**cfg, "preload": True}, 16, 0)  # preloading reads them all up front
+    with pytest.raises(ConfigError, match="on_bad_image must be one of error, skip"):
+        build_tasks({**cfg, "on_bad_image": "ignore"}, 16, 0)
+
+
+def test_bad_images_are_dropped_counted_and_reported_with_skip(tmp_path, caplog):
+    table, bad = make_bad_table(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="cbd_fast.data"):
+        tasks = build_tasks({"scenario": "csv", "path": str(table), "on_bad_image": "skip"}, 16, 0)
+    train, test = tasks[0].train, tasks[0].test
+    assert (len(train), len(test)) == (6, 2)
+    assert set(train.skipped) == {bad["garbage"], bad["truncated"]} and test.skipped == [bad["missing"]]
+    assert "UnidentifiedImageError" in train.skip_reasons[bad["garbage"]]
+    assert "truncated" in train.skip_reasons[bad["truncated"]].lower()
+    assert test.skip_reasons[bad["missing"]] == "file not found"
+    shown = [c for d in (train, test) for i in range(len(d)) for c in d.captions_of(i)]
+    assert not any(c.startswith("bad") for c in shown)  # the captions went with their images
+    assert all(train[i]["image"].shape == (3, 16, 16) for i in range(len(train)))
+    records = [r for r in caplog.records if r.name == "cbd_fast.data"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING  # once per build, for all datasets
+    message = records[0].getMessage()
+    assert "skipped 3 " in message and all(str(path) in message for path in bad.values())
+
+    caplog.clear()  # nothing bad, nothing said; a direct dataset reports its own drops
+    clean, _ = make_bad_table(tmp_path / "clean", missing=False, corrupt=False)
+    with caplog.at_level(logging.WARNING, logger="cbd_fast.data"):
+        tasks = build_tasks({"scenario": "csv", "path": str(clean), "on_bad_image": "skip"}, 16, 0)
+        assert tasks[0].train.skipped == [] and not caplog.records
+        direct = ImageTextDataset([bad["garbage"], tmp_path / "ok1.jpg"], [["x"], ["y"]], [5, 6], image_size=16,
+                                  train=False, on_bad_image="skip")
+    assert direct.skipped == [bad["garbage"]] and direct.captions == [["y"]] and direct.labels.tolist() == [6]
+    assert len(caplog.records) == 1 and "skipped 1 " in caplog.records[0].getMessage()
+
+
+def test_new_keys_are_checked_per_scenario():
+    with pytest.raises(ConfigError, match="unknown key.*'on_bad_image'"):  # synthetic has no image files
+        build_tasks({"scenario": "synthetic", "on_bad_image": "skip"}, 32, 0)
+    with pytest.raises(ConfigError, match="'augmnet'.*did you mean 'augment'"):
+        build_tasks({"scenario": "pascal_sentence", "root": "x", "augmnet": None}, 32, 0)
