@@ -8,10 +8,12 @@ real datasets are read from local folders (:mod:`cbd_fast.data.formats`).
 from .config import ConfigError, load_scenario
 from .dataset import ImageTextDataset, Task
 from .formats import DatasetLayoutError
-from .images import CLIP_MEAN, CLIP_STD
+from .images import CLIP_MEAN, CLIP_STD, Augment, BadImageError
 from .scenario import build_tasks, validate_config
 
 __all__ = [
+    "Augment",
+    "BadImageError",
     "CLIP_MEAN",
     "CLIP_STD",
     "ConfigError",
