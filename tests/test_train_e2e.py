@@ -7,6 +7,7 @@ import yaml
 
 import cbd_fast
 from cbd_fast.cli import eval_main, train_main
+from cbd_fast.eval.compare import compare
 
 pytestmark = pytest.mark.skipif(not cbd_fast.has_extension(), reason="training uses the compiled ops")
 
@@ -60,6 +61,10 @@ def test_train_outputs_and_exact_resume(tmp_path, capsys):
     assert _run(tmp_path, "interrupted", ["--resume"]) == 0
     resumed = _metrics(tmp_path, "interrupted")
     assert resumed["accuracy_matrices"] == document["accuracy_matrices"]
+
+    # the comparison table groups runs by name and reads their summaries
+    table = compare([run, tmp_path / "runs" / "interrupted"])
+    assert table.count("\n| full | 1 |") == 1 and "| interrupted | 1 |" in table
 
     # cbd-eval on the final checkpoint prints the same table
     capsys.readouterr()
