@@ -264,6 +264,25 @@ def test_bad_input_is_a_clear_error(mutate, error, match):
 
 
 @requires_extension
+def test_cpu_kernel_refuses_non_finite_input_and_extreme_weight_spans():
+    sim, text_mask, image_mask, text_weight, image_weight = random_game(2, 4, 5, seed=1, masked=False)
+    bad = sim.clone()
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(RuntimeError, match="sim must be finite"):
+        cbd_fast.banzhaf_interaction(bad, num_samples=4, backend="cpu")
+    wide = text_weight.clone()
+    wide[0, 0] = 40.0  # e^40 of one token against O(1) others: leave-one-out sums would cancel
+    with pytest.raises(RuntimeError, match="text_weight logits of a pair span"):
+        cbd_fast.banzhaf_interaction(sim, text_weight=wide, num_samples=4, backend="cpu")
+    masked_wide = wide.clone()
+    text_mask = torch.ones(2, 4, dtype=torch.bool)
+    text_mask[0, 0] = False  # the extreme logit is on a padding token: not part of the game
+    out = cbd_fast.banzhaf_interaction(sim, text_mask=text_mask, text_weight=masked_wide, num_samples=4,
+                                       backend="cpu")
+    assert torch.isfinite(out.interaction).all()
+
+
+@requires_extension
 def test_cpu_kernel_size_limit_is_a_clear_error():
     with pytest.raises(ValueError, match="T, V <= 4096"):
         cbd_fast.banzhaf_interaction(torch.zeros(1, 1, 4097), num_samples=1, backend="cpu")

@@ -43,10 +43,15 @@ class DualEncoderOutput(NamedTuple):
 
 
 class TokenWeightHead(nn.Module):
-    """WTI weight logits: ``Linear(D, hidden) -> ReLU -> Linear(hidden, 1)`` per token.
+    """WTI weight logits: ``Linear(D, hidden) -> ReLU -> Linear(hidden, 1)`` per token, bounded to
+    ``(-LOGIT_BOUND, LOGIT_BOUND)`` by a scaled tanh.
 
-    The last layer starts at zero, so training starts from uniform token weights (mean pooling).
+    The last layer starts at zero, so training starts from uniform token weights (mean pooling). The bound keeps
+    weight ratios within e^20: unbounded logits drift apart during training (spans of ~40 were seen), which makes a
+    few tokens carry all the weight and the Banzhaf estimator's leave-one-out sums lose precision.
     """
+
+    LOGIT_BOUND = 10.0
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -58,7 +63,8 @@ class TokenWeightHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, N, D]`` -> ``[B, N]``."""
-        return self.fc2(self.act(self.fc1(tokens))).squeeze(-1)
+        logits = self.fc2(self.act(self.fc1(tokens))).squeeze(-1)
+        return self.LOGIT_BOUND * torch.tanh(logits / self.LOGIT_BOUND)
 
 
 class DualEncoder(nn.Module):

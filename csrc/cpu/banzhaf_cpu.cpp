@@ -23,6 +23,9 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 constexpr int64_t kMaxExactPlayers = 20;
 constexpr int64_t kMaxTokens = 4096;  // per-draw scratch is O(T + V); this bounds the partial-sum buffers
 constexpr int64_t kTargetWorkItems = 64;
+// Leave-one-out sums subtract one token's weight from a total; with weights exp(logit) that keeps ~1e-4 relative
+// precision in double only while the valid logits of a pair span at most 27 (e^27 ≈ 2^39). Wider spans are refused.
+constexpr double kMaxWeightSpan = 27.0;
 
 enum class Estimator { kPaired, kMsr, kExact };
 
@@ -43,10 +46,19 @@ struct Game {
   uint64_t seed;
 };
 
-at::Tensor exp_weights(const at::Tensor& logits, const at::Tensor& valid) {
+at::Tensor exp_weights(const at::Tensor& logits, const at::Tensor& valid, const char* name) {
   // exp(logit - max over valid): the game only sees weight ratios, so the shift is free and avoids overflow.
-  auto masked = logits.to(at::kDouble).masked_fill(valid.logical_not(), kNegInf);
+  auto as_double = logits.to(at::kDouble);
+  TORCH_CHECK(at::isfinite(as_double).logical_or(valid.logical_not()).all().item<bool>(),
+              "banzhaf_interaction: ", name, " must be finite on valid tokens");
+  auto masked = as_double.masked_fill(valid.logical_not(), kNegInf);
   auto shift = std::get<0>(masked.max(1, /*keepdim=*/true)).clamp_min(-1e300);
+  auto low = std::get<0>(as_double.masked_fill(valid.logical_not(), 1e300).min(1, /*keepdim=*/true));
+  const double span = at::where(valid.any(1, /*keepdim=*/true), shift - low, at::zeros({}, shift.options()))
+                          .max().item<double>();
+  TORCH_CHECK(span <= kMaxWeightSpan, "banzhaf_interaction: the valid ", name, " logits of a pair span ", span,
+              " > ", kMaxWeightSpan, "; beyond that the leave-one-out sums lose precision (bound the logits, e.g. ",
+              "with a scaled tanh)");
   return (masked - shift).exp().masked_fill(valid.logical_not(), 0.0).contiguous();
 }
 
@@ -85,8 +97,9 @@ Game make_game(const at::Tensor& sim, const at::Tensor& text_mask, const at::Ten
   game.sim_t = game.sim.transpose(1, 2).contiguous();
   game.text_valid = text_mask.contiguous();
   game.image_valid = image_mask.contiguous();
-  game.text_w = exp_weights(text_weight, game.text_valid);
-  game.image_w = exp_weights(image_weight, game.image_valid);
+  TORCH_CHECK(at::isfinite(game.sim).all().item<bool>(), "banzhaf_interaction: sim must be finite");
+  game.text_w = exp_weights(text_weight, game.text_valid, "text_weight");
+  game.image_w = exp_weights(image_weight, game.image_valid, "image_weight");
   game.num_draws.assign(game.batch, num_samples);
   if (game.estimator == Estimator::kExact) {
     auto players = (game.text_valid.sum(1) + game.image_valid.sum(1)).to(at::kLong).contiguous();
@@ -193,9 +206,10 @@ struct HalfGame {
       int64_t i1 = -1, i2 = -1;
       for (int64_t c = 0; c < cols; ++c) {
         if (!col_in[c]) continue;
-        if (s[c] > m1) {
+        // The first members fill the slots whatever their values, so an index is never left at -1.
+        if (i1 < 0 || s[c] > m1) {
           m2 = m1, i2 = i1, m1 = s[c], i1 = c;
-        } else if (s[c] > m2) {
+        } else if (i2 < 0 || s[c] > m2) {
           m2 = s[c], i2 = c;
         }
       }
