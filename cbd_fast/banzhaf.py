@@ -9,7 +9,7 @@ from ._checks import check_choice, check_float_tensor, check_same_device, mask_o
     weight_or_default
 from ._ops import has_extension
 from ._result import BanzhafResult
-from .coalitions import MAX_EXACT_PLAYERS, seed_as_int64
+from .coalitions import num_exact_draws, seed_as_int64
 
 ESTIMATORS = ("paired", "msr", "exact")
 CPU_MAX_TOKENS = 4096  # kMaxTokens in csrc/cpu/banzhaf_cpu.cpp
@@ -32,11 +32,7 @@ def _check_arguments(sim, text_mask, image_mask, text_weight, image_weight, num_
     if batch >= 2**32:
         raise ValueError(f"sim batch must be < 2**32 (a 32-bit Philox counter word), got {batch}")
     if estimator == "exact":
-        players = text_mask.sum(1) + image_mask.sum(1)
-        if int(players.max()) > MAX_EXACT_PLAYERS:
-            raise ValueError(f"estimator='exact' enumerates 2**n coalitions and supports n <= {MAX_EXACT_PLAYERS} "
-                             f"players per pair; pair {int(players.argmax())} has n={int(players.max())} valid "
-                             "tokens (use estimator='paired')")
+        num_exact_draws(text_mask, image_mask)  # refuses pairs with more than 20 players
     return text_mask, image_mask, text_weight, image_weight, seed_as_int64(seed)
 
 
