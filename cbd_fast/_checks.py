@@ -30,7 +30,7 @@ def mask_or_default(name: str, mask, shape: tuple[int, ...], ref: torch.Tensor, 
         raise TypeError(f"{name} must be a bool tensor {shape_doc}, got dtype {mask.dtype} (use mask.bool())")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {shape_doc} = {tuple(shape)}, got {tuple(mask.shape)}")
-    check_same_device("the features" if ref.dim() else "input", ref, name, mask)
+    check_same_device("the input features", ref, name, mask)
     return mask
 
 
@@ -45,7 +45,7 @@ def weight_or_default(name: str, weight, shape: tuple[int, ...], ref: torch.Tens
         raise TypeError(f"{name} must be a floating tensor {shape_doc}, got dtype {weight.dtype}")
     if tuple(weight.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {shape_doc} = {tuple(shape)}, got {tuple(weight.shape)}")
-    check_same_device("input", ref, name, weight)
+    check_same_device("the input features", ref, name, weight)
     return weight
 
 

@@ -59,9 +59,6 @@ def banzhaf_interaction(sim: torch.Tensor, text_mask: torch.Tensor | None = None
     """
     text_mask, image_mask, text_weight, image_weight, seed64 = _check_arguments(
         sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator)
-    for name, tensor in (("text_mask", text_mask), ("image_mask", image_mask), ("text_weight", text_weight),
-                         ("image_weight", image_weight)):
-        check_same_device("sim", sim, name, tensor)
     chosen = resolve_backend(backend, sim.device, "banzhaf_interaction")
     if chosen == "cpu" and max(sim.shape[1], sim.shape[2]) > CPU_MAX_TOKENS:
         raise ValueError(f"banzhaf_interaction: the CPU kernel supports T, V <= {CPU_MAX_TOKENS} tokens, got "
