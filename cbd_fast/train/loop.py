@@ -143,14 +143,16 @@ class Trainer:
 
     # --- losses --------------------------------------------------------------------------------------------------
 
-    def _encode(self, model, batch, train_task: int | None):
-        """Token features of both towers with prompts chosen from the configured queries; and the pull loss."""
-        use_old = self.old_model is not None and self.train_cfg["prompt_query"] == "old_model"
-        query_model = self.old_model if use_old else model
-        with torch.no_grad():
-            query_image = query_model.query_image(batch["images"])
-            query_text = query_model.query_text(batch["ids"], batch["mask"])
-        image_prompt, text_prompt, pull = model.select_prompts(query_image, query_text, train_task=train_task)
+    @staticmethod
+    @torch.no_grad()
+    def _queries(model, batch):
+        """Prompt-pool queries: the model's prompt-free pooled image and text features."""
+        return model.query_image(batch["images"]), model.query_text(batch["ids"], batch["mask"])
+
+    @staticmethod
+    def _encode(model, batch, queries, train_task: int | None):
+        """Token features of both towers with prompts chosen from ``queries``; and the pull loss."""
+        image_prompt, text_prompt, pull = model.select_prompts(*queries, train_task=train_task)
         image = model.encode_image(batch["images"], prompt_index=image_prompt)
         text = model.encode_text(batch["ids"], batch["mask"], prompt_index=text_prompt)
         return text, image, pull
@@ -161,10 +163,12 @@ class Trainer:
 
     def _losses(self, batch, task_index: int, step_seed: int) -> LossTerms:
         cfg = self.loss_cfg
-        text, image, pull = self._encode(self.model, batch, train_task=task_index)
+        # queries from the frozen previous-task model (train.prompt_query: old_model) or the prompt-free pass
+        use_old = self.old_model is not None and self.train_cfg["prompt_query"] == "old_model"
+        queries = self._queries(self.old_model if use_old else self.model, batch)
+        text, image, pull = self._encode(self.model, batch, queries, train_task=task_index)
         scores = self._scores(text, image)
-        logit_scale = self.model.logit_scale.exp().clamp(max=100.0)
-        total = contrastive_loss(scores.float(), logit_scale)
+        total = contrastive_loss(scores.float(), self.model.scale())
         parts = {"contrastive": total.item()}
         if cfg["prompt"]:
             total = total - cfg["prompt"] * pull
@@ -173,7 +177,8 @@ class Trainer:
             return LossTerms(total, parts)
         with torch.no_grad():
             # the old model picks its prompts the way it would at test time
-            old_text, old_image, _ = self._encode(self.old_model, batch, train_task=None)
+            old_queries = queries if use_old else self._queries(self.old_model, batch)
+            old_text, old_image, _ = self._encode(self.old_model, batch, old_queries, train_task=None)
             old_scores = self._scores(old_text, old_image)
         if cfg["sample"]:
             term = sample_distillation_loss(scores.float(), old_scores.float(), cfg["sample_temperature"])
