@@ -13,6 +13,7 @@ import torch
 from ._backend import resolve_backend
 from ._checks import (check_choice, check_float_tensor, check_same_device, mask_or_default, result_dtype,
                       weight_or_default)
+from ._gpu_autograd import register_maxsim_score_autograd
 from ._ops import has_extension
 
 REDUCTIONS = ("wti", "sum", "mean")
@@ -20,6 +21,10 @@ REDUCTIONS = ("wti", "sum", "mean")
 # Similarity entries the torch backend computes at once (one block of texts against every image): 16 MiB in
 # fp32, plus about as much again for the masked copy and, in the backward, the gradient of the block.
 TORCH_BLOCK_ELEMENTS = 2**22
+# Limits of the Triton and CUDA kernels (cbd_fast.kernels.maxsim, csrc/cuda/maxsim_cuda.cu).
+GPU_MAX_TEXT_TOKENS = 256
+GPU_MAX_IMAGE_TOKENS = 576
+GPU_MAX_DIM = 1024
 
 
 def maxsim(text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor | None = None,
@@ -36,7 +41,8 @@ def maxsim(text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor | No
         image_weight: token weight logits ``[Bi, V]``; None = zeros. Used by ``"wti"`` only.
         reduction: token weights α, β: ``"wti"`` softmax of the logits over the valid tokens, ``"sum"`` 1 per
             valid token, ``"mean"`` 1 / number of valid tokens.
-        backend: ``"auto"`` (C++ kernels for CPU tensors, else torch), ``"cpu"`` or ``"torch"``.
+        backend: ``"auto"`` (C++ kernels for CPU tensors, the fastest GPU kernel for CUDA tensors), ``"cpu"``,
+            ``"triton"``, ``"cuda"`` (tiled GPU kernels: T <= 256, V <= 576, D <= 1024) or ``"torch"``.
 
     Returns:
         ``score[Bt, Bi]`` in the features' dtype (float32 for half-precision features). Invalid tokens never
@@ -60,11 +66,36 @@ def maxsim(text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor | No
     image_weight = weight_or_default("image_weight", image_weight, (num_images, image_len), text, "[Bi, V]")
     check_choice("reduction", reduction, REDUCTIONS)
 
-    if resolve_backend(backend, text.device, "maxsim") == "cpu":
+    chosen = resolve_backend(backend, text.device, "maxsim")
+    if chosen in ("triton", "cuda"):
+        chosen = _check_gpu_limits(chosen, backend, text_len, image_len, dim)
+    if chosen in ("triton", "cuda"):
+        dtype = result_dtype(text.dtype)
+        # The coefficients (softmax of the logits for "wti") stay in autograd's hands; the kernels take them as
+        # given and return their gradients.
+        alpha = token_coefficients(text_weight, text_mask, reduction, dtype).contiguous()
+        beta = token_coefficients(image_weight, image_mask, reduction, dtype).contiguous()
+        args = (text.contiguous(), image.contiguous(), text_mask.contiguous(), image_mask.contiguous(), alpha, beta)
+        if chosen == "triton":
+            from . import _triton_ops
+
+            return _triton_ops.maxsim_score(*args)
+        return torch.ops.cbd_fast.maxsim_score(*args)
+    if chosen == "cpu":
         return torch.ops.cbd_fast.maxsim_forward(text.contiguous(), image.contiguous(), text_mask.contiguous(),
                                                  image_mask.contiguous(), text_weight.contiguous(),
                                                  image_weight.contiguous(), reduction)[0]
     return _maxsim_torch(text, image, text_mask, image_mask, text_weight, image_weight, reduction)
+
+
+def _check_gpu_limits(chosen: str, backend: str, text_len: int, image_len: int, dim: int) -> str:
+    """The GPU kernels' size limits: ``auto`` falls back to the torch backend, a forced backend raises."""
+    if text_len <= GPU_MAX_TEXT_TOKENS and image_len <= GPU_MAX_IMAGE_TOKENS and dim <= GPU_MAX_DIM:
+        return chosen
+    if backend == "auto":
+        return "torch"
+    raise ValueError(f"maxsim: backend={backend!r} supports T <= {GPU_MAX_TEXT_TOKENS}, V <= {GPU_MAX_IMAGE_TOKENS} "
+                     f"and D <= {GPU_MAX_DIM}, got T={text_len}, V={image_len}, D={dim}")
 
 
 def token_coefficients(weight: torch.Tensor, mask: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
@@ -165,6 +196,19 @@ def _register_abstract_and_autograd() -> None:
         return grad_text, grad_image, None, None, grad_text_weight, grad_image_weight, None
 
     torch.library.register_autograd("cbd_fast::maxsim_forward", _backward, setup_context=_setup_context)
+
+    if hasattr(torch.ops.cbd_fast, "maxsim_score"):  # the CUDA kernels' op (no CPU kernel)
+        @torch.library.register_fake("cbd_fast::maxsim_score")
+        def _maxsim_score_fake(text, image, text_mask, image_mask, alpha, beta):
+            return text.new_empty((text.shape[0], image.shape[0]), dtype=result_dtype(text.dtype))
+
+        @torch.library.register_fake("cbd_fast::maxsim_score_backward")
+        def _maxsim_score_backward_fake(grad_score, text, image, text_mask, image_mask, alpha, beta):
+            dtype = result_dtype(text.dtype)
+            return (torch.empty_like(text, dtype=dtype), torch.empty_like(image, dtype=dtype),
+                    torch.empty_like(alpha), torch.empty_like(beta))
+
+        register_maxsim_score_autograd("cbd_fast::maxsim_score", torch.ops.cbd_fast.maxsim_score_backward)
 
 
 if has_extension():  # without the compiled extension the ops do not exist; backend="torch" still works

@@ -4,11 +4,22 @@ import sys
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run under the interpreter on CPU tensors. The flag must be set before any
+# kernel module is imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))  # brute_force.py and helpers
 
 import cbd_fast  # noqa: E402
 
 requires_extension = pytest.mark.skipif(not cbd_fast.has_extension(), reason="cbd_fast._C not built")
+
+
+@pytest.fixture
+def kernel_device():
+    """Where the Triton kernels run in this session: the GPU when there is one, else CPU under the interpreter."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def random_game(batch, text_len, image_len, dtype=torch.float64, seed=0, masked=True, weighted=True):
