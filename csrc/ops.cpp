@@ -20,12 +20,22 @@ TORCH_LIBRARY(cbd_fast, m) {
       "Tensor sim, Tensor text_mask, Tensor image_mask, Tensor text_weight, Tensor image_weight, "
       "int num_samples, int seed, str estimator) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "banzhaf_interaction_from_tokens(Tensor text, Tensor image, Tensor text_mask, Tensor image_mask, "
+      "Tensor text_weight, Tensor image_weight, int num_samples, int seed, str estimator) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
       "maxsim_forward(Tensor text, Tensor image, Tensor text_mask, Tensor image_mask, Tensor text_weight, "
       "Tensor image_weight, str reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "maxsim_backward(Tensor grad_score, Tensor text, Tensor image, Tensor text_mask, Tensor image_mask, "
       "Tensor text_weight, Tensor image_weight, str reduction, Tensor text_argmax, Tensor image_argmax, "
       "Tensor text_max, Tensor image_max) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "maxsim_score(Tensor text, Tensor image, Tensor text_mask, Tensor image_mask, Tensor alpha, Tensor beta) "
+      "-> Tensor");
+  m.def(
+      "maxsim_score_backward(Tensor grad_score, Tensor text, Tensor image, Tensor text_mask, Tensor image_mask, "
+      "Tensor alpha, Tensor beta) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cbd_fast, CPU, m) {
@@ -37,7 +47,14 @@ TORCH_LIBRARY_IMPL(cbd_fast, CPU, m) {
 }
 
 #ifdef CBD_FAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(cbd_fast, CUDA, m) { m.impl("fill_coalitions", &fill_coalitions_cuda); }
+TORCH_LIBRARY_IMPL(cbd_fast, CUDA, m) {
+  m.impl("fill_coalitions", &fill_coalitions_cuda);
+  m.impl("banzhaf_interaction", &banzhaf_interaction_cuda);
+  m.impl("banzhaf_interaction_backward", &banzhaf_interaction_backward_cuda);
+  m.impl("banzhaf_interaction_from_tokens", &banzhaf_interaction_from_tokens_cuda);
+  m.impl("maxsim_score", &maxsim_score_cuda);
+  m.impl("maxsim_score_backward", &maxsim_score_backward_cuda);
+}
 #endif
 
 }  // namespace cbd_fast

@@ -26,6 +26,21 @@ Tensor3 banzhaf_interaction_backward_cpu(const at::Tensor& grad_interaction, con
                                          const at::Tensor& text_mask, const at::Tensor& image_mask,
                                          const at::Tensor& text_weight, const at::Tensor& image_weight,
                                          int64_t num_samples, int64_t seed, c10::string_view estimator);
+// CUDA kernels of the two ops above (estimators paired and msr; T <= 256, V <= 576), and the CUDA-only fused op
+// banzhaf_interaction_from_tokens: the same pass on sim[b] = text[b] @ image[b]^T (text[B,T,D], image[B,V,D]),
+// computed inside the kernel (fp32 accumulation for half inputs).
+Tensor3 banzhaf_interaction_cuda(const at::Tensor& sim, const at::Tensor& text_mask, const at::Tensor& image_mask,
+                                 const at::Tensor& text_weight, const at::Tensor& image_weight, int64_t num_samples,
+                                 int64_t seed, c10::string_view estimator);
+Tensor3 banzhaf_interaction_backward_cuda(const at::Tensor& grad_interaction, const at::Tensor& grad_text_value,
+                                          const at::Tensor& grad_image_value, const at::Tensor& sim,
+                                          const at::Tensor& text_mask, const at::Tensor& image_mask,
+                                          const at::Tensor& text_weight, const at::Tensor& image_weight,
+                                          int64_t num_samples, int64_t seed, c10::string_view estimator);
+Tensor3 banzhaf_interaction_from_tokens_cuda(const at::Tensor& text, const at::Tensor& image,
+                                             const at::Tensor& text_mask, const at::Tensor& image_mask,
+                                             const at::Tensor& text_weight, const at::Tensor& image_weight,
+                                             int64_t num_samples, int64_t seed, c10::string_view estimator);
 
 // maxsim: score[Bt,Bi] plus what the backward needs, O(Bt*Bi*(T+V)) memory:
 // (score, text_argmax[Bt,Bi,T] int32, image_argmax[Bt,Bi,V] int32, text_max[Bt,Bi,T], image_max[Bt,Bi,V]).
@@ -39,5 +54,14 @@ Tensor4 maxsim_backward_cpu(const at::Tensor& grad_score, const at::Tensor& text
                             c10::string_view reduction, const at::Tensor& text_argmax,
                             const at::Tensor& image_argmax, const at::Tensor& text_max,
                             const at::Tensor& image_max);
+
+// maxsim_score (CUDA): score[Bt,Bi] of DESIGN §5 from the token coefficients alpha[Bt,T], beta[Bi,V] (computed by
+// the caller, 0 on invalid tokens); memory O(Bt*Bi). The backward recomputes the maxima and returns
+// (grad_text, grad_image, grad_alpha, grad_beta).
+at::Tensor maxsim_score_cuda(const at::Tensor& text, const at::Tensor& image, const at::Tensor& text_mask,
+                             const at::Tensor& image_mask, const at::Tensor& alpha, const at::Tensor& beta);
+Tensor4 maxsim_score_backward_cuda(const at::Tensor& grad_score, const at::Tensor& text, const at::Tensor& image,
+                                   const at::Tensor& text_mask, const at::Tensor& image_mask,
+                                   const at::Tensor& alpha, const at::Tensor& beta);
 
 }  // namespace cbd_fast
