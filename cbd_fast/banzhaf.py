@@ -7,23 +7,27 @@ from . import _banzhaf_torch
 from ._backend import resolve_backend
 from ._checks import check_choice, check_float_tensor, check_same_device, mask_or_default, result_dtype, \
     weight_or_default
+from ._gpu_autograd import register_from_tokens_autograd
 from ._ops import has_extension
 from ._result import BanzhafResult
 from .coalitions import num_exact_draws, seed_as_int64
 
 ESTIMATORS = ("paired", "msr", "exact")
 CPU_MAX_TOKENS = 4096  # kMaxTokens in csrc/cpu/banzhaf_cpu.cpp
+# Limits of the Triton and CUDA kernels (cbd_fast.kernels.banzhaf, csrc/cuda/banzhaf_cuda.cu): ViT-L/14@336 tokens.
+GPU_MAX_TEXT_TOKENS = 256
+GPU_MAX_IMAGE_TOKENS = 576
 
 
-def _check_arguments(sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
-    check_float_tensor("sim", sim, 3, "[B,T,V]")
-    batch, text_len, image_len = sim.shape
+def _check_arguments(shape, ref, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
+    """Checks the arguments of a game of ``shape = (B, T, V)`` on ``ref``'s device; returns them with defaults."""
+    batch, text_len, image_len = shape
     if min(batch, text_len, image_len) < 1:
-        raise ValueError(f"sim must have B, T, V >= 1, got shape {tuple(sim.shape)}")
-    text_mask = mask_or_default("text_mask", text_mask, (batch, text_len), sim, "[B,T]")
-    image_mask = mask_or_default("image_mask", image_mask, (batch, image_len), sim, "[B,V]")
-    text_weight = weight_or_default("text_weight", text_weight, (batch, text_len), sim, "[B,T]")
-    image_weight = weight_or_default("image_weight", image_weight, (batch, image_len), sim, "[B,V]")
+        raise ValueError(f"sim must have B, T, V >= 1, got shape {tuple(shape)}")
+    text_mask = mask_or_default("text_mask", text_mask, (batch, text_len), ref, "[B,T]")
+    image_mask = mask_or_default("image_mask", image_mask, (batch, image_len), ref, "[B,V]")
+    text_weight = weight_or_default("text_weight", text_weight, (batch, text_len), ref, "[B,T]")
+    image_weight = weight_or_default("image_weight", image_weight, (batch, image_len), ref, "[B,V]")
     check_choice("estimator", estimator, ESTIMATORS)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int):
         raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
@@ -34,6 +38,28 @@ def _check_arguments(sim, text_mask, image_mask, text_weight, image_weight, num_
     if estimator == "exact":
         num_exact_draws(text_mask, image_mask)  # refuses pairs with more than 20 players
     return text_mask, image_mask, text_weight, image_weight, seed_as_int64(seed)
+
+
+def _choose_backend(backend: str, device: torch.device, op: str, text_len: int, image_len: int,
+                    estimator: str) -> str:
+    """resolve_backend plus the limits of each kernel: ``auto`` avoids a kernel that cannot take the problem,
+    a forced backend that cannot raises."""
+    chosen = resolve_backend(backend, device, op)
+    if chosen in ("triton", "cuda"):
+        reason = None
+        if estimator == "exact":
+            reason = "estimator='exact' (a test oracle) runs on backend='cpu' or 'torch'"
+        elif text_len > GPU_MAX_TEXT_TOKENS or image_len > GPU_MAX_IMAGE_TOKENS:
+            reason = (f"the GPU kernels support T <= {GPU_MAX_TEXT_TOKENS} and V <= {GPU_MAX_IMAGE_TOKENS} "
+                      f"tokens, got T={text_len}, V={image_len}")
+        if reason is not None:
+            if backend == "auto":
+                return "torch"
+            raise ValueError(f"{op}: backend={backend!r}: {reason}")
+    if chosen == "cpu" and max(text_len, image_len) > CPU_MAX_TOKENS:
+        raise ValueError(f"{op}: the CPU kernel supports T, V <= {CPU_MAX_TOKENS} tokens, got "
+                         f"T={text_len}, V={image_len} (use backend='torch')")
+    return chosen
 
 
 def banzhaf_interaction(sim: torch.Tensor, text_mask: torch.Tensor | None = None,
@@ -51,26 +77,30 @@ def banzhaf_interaction(sim: torch.Tensor, text_mask: torch.Tensor | None = None
         seed: selects the Philox coalition stream; the same seed gives the same coalitions on every backend.
         estimator: ``"paired"`` (default, four values per pair per draw in O(T·V) per draw), ``"msr"`` (one value
             per draw) or ``"exact"`` (enumeration, at most 20 players per pair).
-        backend: ``"auto"``, ``"cpu"`` (fused C++), ``"torch"`` (vectorised PyTorch, any device).
+        backend: ``"auto"``, ``"cpu"`` (fused C++), ``"triton"`` or ``"cuda"`` (fused GPU kernels, ``paired`` and
+            ``msr``, T <= 256, V <= 576), ``"torch"`` (vectorised PyTorch, any device). ``auto`` takes the C++
+            kernels on CPU tensors and the fastest GPU kernel that can take the problem on CUDA tensors.
 
     Returns:
         :class:`BanzhafResult` ``(interaction[B,T,V], text_value[B,T], image_value[B,V])``, float32 for half
         inputs, else ``sim.dtype``. Differentiable w.r.t. ``sim`` and both weights.
     """
+    check_float_tensor("sim", sim, 3, "[B,T,V]")
     text_mask, image_mask, text_weight, image_weight, seed64 = _check_arguments(
-        sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator)
-    chosen = resolve_backend(backend, sim.device, "banzhaf_interaction")
-    if chosen == "cpu" and max(sim.shape[1], sim.shape[2]) > CPU_MAX_TOKENS:
-        raise ValueError(f"banzhaf_interaction: the CPU kernel supports T, V <= {CPU_MAX_TOKENS} tokens, got "
-                         f"T={sim.shape[1]}, V={sim.shape[2]} (use backend='torch')")
+        sim.shape, sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator)
+    chosen = _choose_backend(backend, sim.device, "banzhaf_interaction", sim.shape[1], sim.shape[2], estimator)
     if chosen == "torch":
         result = _banzhaf_torch.banzhaf_interaction(sim, text_mask, image_mask, text_weight, image_weight,
                                                      num_samples, seed, estimator)
         dtype = result_dtype(sim.dtype)
         return BanzhafResult(*(x.to(dtype) for x in result))
-    return BanzhafResult(*torch.ops.cbd_fast.banzhaf_interaction(
-        sim.contiguous(), text_mask.contiguous(), image_mask.contiguous(), text_weight.contiguous(),
-        image_weight.contiguous(), num_samples, seed64, estimator))
+    args = (sim.contiguous(), text_mask.contiguous(), image_mask.contiguous(), text_weight.contiguous(),
+            image_weight.contiguous(), num_samples, seed64, estimator)
+    if chosen == "triton":
+        from . import _triton_ops
+
+        return BanzhafResult(*_triton_ops.banzhaf_interaction(*args))
+    return BanzhafResult(*torch.ops.cbd_fast.banzhaf_interaction(*args))  # C++ (CPU) or CUDA, by dispatch key
 
 
 def banzhaf_interaction_from_tokens(text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor | None = None,
@@ -82,8 +112,8 @@ def banzhaf_interaction_from_tokens(text: torch.Tensor, image: torch.Tensor, tex
     """:func:`banzhaf_interaction` of ``sim[b] = text[b] @ image[b]^T``, from token features.
 
     text ``[B,T,D]``, image ``[B,V,D]`` (same B and D; features are used as given, not normalised). Gradients flow
-    to both feature tensors and the weights. On CPU the similarity is one batched GEMM (fp32 accumulation for half
-    inputs) feeding the fused pass.
+    to both feature tensors and the weights. The GPU kernels compute each pair's similarity inside the fused pass
+    (fp32 accumulation for half inputs); on CPU and with ``backend="torch"`` it is one batched GEMM feeding the pass.
     """
     check_float_tensor("text", text, 3, "[B,T,D]")
     check_float_tensor("image", image, 3, "[B,V,D]")
@@ -93,10 +123,23 @@ def banzhaf_interaction_from_tokens(text: torch.Tensor, image: torch.Tensor, tex
                          f"{tuple(image.shape)}")
     if text.dtype != image.dtype:
         raise TypeError(f"text and image must have one dtype, got {text.dtype} and {image.dtype}")
+    shape = (text.shape[0], text.shape[1], image.shape[1])
+    chosen = _choose_backend(backend, text.device, "banzhaf_interaction_from_tokens", shape[1], shape[2],
+                             estimator)
+    if chosen in ("triton", "cuda"):
+        text_mask, image_mask, text_weight, image_weight, seed64 = _check_arguments(
+            shape, text, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator)
+        args = (text.contiguous(), image.contiguous(), text_mask.contiguous(), image_mask.contiguous(),
+                text_weight.contiguous(), image_weight.contiguous(), num_samples, seed64, estimator)
+        if chosen == "triton":
+            from . import _triton_ops
+
+            return BanzhafResult(*_triton_ops.banzhaf_interaction_from_tokens(*args))
+        return BanzhafResult(*torch.ops.cbd_fast.banzhaf_interaction_from_tokens(*args))
     dtype = result_dtype(text.dtype)
     sim = torch.bmm(text.to(dtype), image.to(dtype).transpose(1, 2))
     return banzhaf_interaction(sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed,
-                               estimator, backend)
+                               estimator, chosen)
 
 
 # --- torch.library registration: shapes for tracing, and the fused backward ---------------------------------------
@@ -129,6 +172,18 @@ def _register() -> None:
         return grad_sim, None, None, grad_text_weight, grad_image_weight, None, None, None
 
     torch.library.register_autograd("cbd_fast::banzhaf_interaction", backward, setup_context=setup_context)
+
+    if hasattr(torch.ops.cbd_fast, "banzhaf_interaction_from_tokens"):  # the CUDA-only fused op
+        @torch.library.register_fake("cbd_fast::banzhaf_interaction_from_tokens")
+        def _(text, image, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
+            dtype = result_dtype(text.dtype)
+            batch, text_len, _ = text.shape
+            image_len = image.shape[1]
+            return (text.new_empty((batch, text_len, image_len), dtype=dtype),
+                    text.new_empty((batch, text_len), dtype=dtype), text.new_empty((batch, image_len), dtype=dtype))
+
+        register_from_tokens_autograd("cbd_fast::banzhaf_interaction_from_tokens",
+                                      torch.ops.cbd_fast.banzhaf_interaction_backward)
 
 
 if has_extension():

@@ -289,8 +289,12 @@ def test_cpu_kernel_size_limit_is_a_clear_error():
 
 
 def test_backend_that_cannot_run_says_why():
-    with pytest.raises(NotImplementedError, match="triton"):
-        cbd_fast.banzhaf_interaction(torch.zeros(1, 2, 2), backend="triton")
+    with pytest.raises(ValueError, match="backend='cuda'.*CUDA tensors"):
+        cbd_fast.banzhaf_interaction(torch.zeros(1, 2, 2), backend="cuda")
+    with pytest.raises(ValueError, match="backend='triton'.*meta"):
+        cbd_fast.banzhaf_interaction(torch.zeros(1, 2, 2, device="meta"), backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cbd_fast.banzhaf_interaction(torch.zeros(1, 2, 2), backend="gpu")
     if cbd_fast.has_extension():
         with pytest.raises(ValueError, match="CPU tensors"):
             cbd_fast.banzhaf_interaction(torch.zeros(1, 2, 2, device="meta"), backend="cpu")
