@@ -17,6 +17,9 @@ CPU_MAX_TOKENS = 4096  # kMaxTokens in csrc/cpu/banzhaf_cpu.cpp
 # Limits of the Triton and CUDA kernels (cbd_fast.kernels.banzhaf, csrc/cuda/banzhaf_cuda.cu): ViT-L/14@336 tokens.
 GPU_MAX_TEXT_TOKENS = 256
 GPU_MAX_IMAGE_TOKENS = 576
+# Widest span of a pair's valid weight logits (kMaxWeightSpan in csrc/cpu/banzhaf_cpu.cpp): beyond it the
+# leave-one-out sums lose precision. The C++ and CUDA launchers check it themselves; the Triton path checks here.
+MAX_WEIGHT_SPAN = 27.0
 
 
 def _check_arguments(shape, ref, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
@@ -38,6 +41,23 @@ def _check_arguments(shape, ref, text_mask, image_mask, text_weight, image_weigh
     if estimator == "exact":
         num_exact_draws(text_mask, image_mask)  # refuses pairs with more than 20 players
     return text_mask, image_mask, text_weight, image_weight, seed_as_int64(seed)
+
+
+def _check_values(op: str, sim, text_mask, image_mask, text_weight, image_weight) -> None:
+    """The value checks of the compiled launchers, for the Triton path: finite similarities (``sim`` may be None)
+    and finite valid weight logits spanning at most MAX_WEIGHT_SPAN within each pair."""
+    if sim is not None and not bool(torch.isfinite(sim).all()):
+        raise ValueError(f"{op}: sim must be finite")
+    for name, weight, mask in (("text_weight", text_weight, text_mask), ("image_weight", image_weight, image_mask)):
+        if not bool(torch.isfinite(weight.masked_fill(~mask, 0)).all()):
+            raise ValueError(f"{op}: {name} must be finite on valid tokens")
+        high = weight.masked_fill(~mask, float("-inf")).amax(1)
+        low = weight.masked_fill(~mask, float("inf")).amin(1)
+        span = (high - low)[mask.any(1)]
+        if span.numel() and float(span.max()) > MAX_WEIGHT_SPAN:
+            raise ValueError(f"{op}: the valid {name} logits of a pair span {float(span.max()):.3g} > "
+                             f"{MAX_WEIGHT_SPAN:g}; beyond that the leave-one-out sums lose precision (bound the "
+                             "logits, e.g. with a scaled tanh)")
 
 
 def _choose_backend(backend: str, device: torch.device, op: str, text_len: int, image_len: int,
@@ -99,6 +119,7 @@ def banzhaf_interaction(sim: torch.Tensor, text_mask: torch.Tensor | None = None
     if chosen == "triton":
         from . import _triton_ops
 
+        _check_values("banzhaf_interaction", sim, text_mask, image_mask, text_weight, image_weight)
         return BanzhafResult(*_triton_ops.banzhaf_interaction(*args))
     return BanzhafResult(*torch.ops.cbd_fast.banzhaf_interaction(*args))  # C++ (CPU) or CUDA, by dispatch key
 
@@ -134,6 +155,7 @@ def banzhaf_interaction_from_tokens(text: torch.Tensor, image: torch.Tensor, tex
         if chosen == "triton":
             from . import _triton_ops
 
+            _check_values("banzhaf_interaction_from_tokens", None, text_mask, image_mask, text_weight, image_weight)
             return BanzhafResult(*_triton_ops.banzhaf_interaction_from_tokens(*args))
         return BanzhafResult(*torch.ops.cbd_fast.banzhaf_interaction_from_tokens(*args))
     dtype = result_dtype(text.dtype)

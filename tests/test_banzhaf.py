@@ -300,6 +300,19 @@ def test_backend_that_cannot_run_says_why():
             cbd_fast.banzhaf_interaction(torch.zeros(1, 2, 2, device="meta"), backend="cpu")
 
 
+@pytest.mark.skipif(not cbd_fast.build_info()["triton"], reason="triton not installed")
+def test_triton_path_refuses_what_the_compiled_kernels_refuse(kernel_device):
+    sim = torch.zeros(2, 3, 4, device=kernel_device)
+    wide = torch.zeros(2, 3, device=kernel_device)
+    wide[1, 0] = 30.0
+    with pytest.raises(ValueError, match="text_weight logits of a pair span 30"):
+        cbd_fast.banzhaf_interaction(sim, text_weight=wide, num_samples=4, backend="triton")
+    with pytest.raises(ValueError, match="sim must be finite"):
+        cbd_fast.banzhaf_interaction(torch.full((1, 2, 2), float("nan"), device=kernel_device), backend="triton")
+    with pytest.raises(ValueError, match="exact"):
+        cbd_fast.banzhaf_interaction(sim, estimator="exact", backend="triton")
+
+
 def test_from_tokens_shape_mismatch():
     with pytest.raises(ValueError, match="agree in B and D"):
         cbd_fast.banzhaf_interaction_from_tokens(torch.randn(2, 3, 8), torch.randn(2, 4, 7))
