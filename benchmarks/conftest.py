@@ -13,6 +13,7 @@ import torch
 
 RESULTS_KEY = pytest.StashKey[dict]()
 MAXSIM_KEY = pytest.StashKey[dict]()
+GPU_KEY = pytest.StashKey[dict]()
 RESULTS_FILE = Path(__file__).parent / "results" / "cpu_banzhaf.md"
 MAXSIM_FILE = Path(__file__).parent / "results" / "cpu_maxsim.md"
 
@@ -39,6 +40,7 @@ def _load_average() -> str:
 def pytest_configure(config):
     config.stash[RESULTS_KEY] = {}
     config.stash[MAXSIM_KEY] = {}
+    config.stash[GPU_KEY] = {}
     config.stash[LOAD_AT_START_KEY] = _load_average()
 
 
@@ -139,7 +141,69 @@ def _summary(results: dict) -> list[str]:
     return lines
 
 
+def _gpu_banzhaf_summary(results: dict) -> list[str]:
+    lines = ["| size | dtype | variant | B | K | median | per draw (µs) | floor | fraction of floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (size, dtype, variant), row in results.items():
+        lines.append(f"| {size} | {dtype} | {variant} | {row['B']} | {row['K']} | {_format_time(row['median_s'])} | "
+                     f"{row['per_draw_us']:.4g} | {_format_time(row['floor_s'])} | "
+                     f"{row['fraction_of_floor']:.2f} |")
+    lines += ["", "| size | dtype | fastest fused | vs other fused | vs torch backend (per draw) | "
+              "vs per-pair loop (per draw) |", "|---|---|---|---|---|---|"]
+    for size, dtype in dict.fromkeys((size, dtype) for size, dtype, _ in results):
+        fused = {v: results[(size, dtype, v)] for v in ("triton", "cuda") if (size, dtype, v) in results}
+        if not fused:
+            continue
+        best = min(fused, key=lambda v: fused[v]["per_draw_us"])
+        cells = [f"{best} ({_format_time(fused[best]['median_s'])})"]
+        other = [v for v in fused if v != best]
+        cells.append(f"{fused[other[0]]['per_draw_us'] / fused[best]['per_draw_us']:.2f}× slower ({other[0]})"
+                     if other else "n/a")
+        for slow in ("torch", "per_pair"):
+            row = results.get((size, dtype, slow))
+            cells.append(f"{row['per_draw_us'] / fused[best]['per_draw_us']:.3g}×" if row else "n/a")
+        lines.append(f"| {size} | {dtype} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _gpu_maxsim_summary(results: dict) -> list[str]:
+    lines = ["| size | dtype | mode | variant | median | peak memory | floor | fraction of floor | time vs reference "
+             "| memory vs reference |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (size, dtype, mode, variant), row in results.items():
+        ref = results.get((size, dtype, mode, "reference"))
+        time_ratio = f"{ref['median_s'] / row['median_s']:.1f}× faster" if ref else "n/a"
+        memory_ratio = f"{ref['peak_bytes'] / max(row['peak_bytes'], 1):.1f}× less" if ref else "n/a"
+        lines.append(f"| {size} | {dtype} | {mode} | {variant} | {_format_time(row['median_s'])} | "
+                     f"{row['peak_bytes'] / 2**20:.1f} MiB | {_format_time(row['floor_s'])} | "
+                     f"{row['fraction_of_floor']:.2f} | {time_ratio} | {memory_ratio} |")
+    return lines
+
+
+def _write_gpu_summary(terminalreporter, config) -> None:
+    results = config.stash.get(GPU_KEY, {})
+    if not results:
+        return
+    import triton
+
+    device = torch.cuda.get_device_name()
+    lines = [f"# GPU benchmark on {device}", "", *_machine_info(config),
+             f"- GPU: {device}, CUDA runtime {torch.version.cuda}, triton {triton.__version__}", ""]
+    if "banzhaf" in results:
+        lines += ["## Fused paired Banzhaf pass (`banzhaf_interaction_from_tokens`, `_sim` = on a given sim)", "",
+                  *_gpu_banzhaf_summary(results["banzhaf"]), ""]
+    if "maxsim" in results:
+        lines += ["## MaxSim (`maxsim`, wti)", "", *_gpu_maxsim_summary(results["maxsim"]), ""]
+    terminalreporter.write_sep("=", f"GPU benchmark summary ({device})")
+    for line in lines:
+        terminalreporter.write_line(line)
+    path = Path(__file__).parent / "results" / f"gpu_{device.replace(' ', '_').lower()}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    terminalreporter.write_line(f"written to {path}")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    _write_gpu_summary(terminalreporter, config)
     maxsim_results = config.stash.get(MAXSIM_KEY, {})
     if maxsim_results:
         lines = _maxsim_summary(maxsim_results)
