@@ -147,7 +147,7 @@ def _gpu_banzhaf_summary(results: dict) -> list[str]:
     for (size, dtype, variant), row in results.items():
         lines.append(f"| {size} | {dtype} | {variant} | {row['B']} | {row['K']} | {_format_time(row['median_s'])} | "
                      f"{row['per_draw_us']:.4g} | {_format_time(row['floor_s'])} | "
-                     f"{row['fraction_of_floor']:.2f} |")
+                     f"{row['fraction_of_floor']:.3g} |")
     lines += ["", "| size | dtype | fastest fused | vs other fused | vs torch backend (per draw) | "
               "vs per-pair loop (per draw) |", "|---|---|---|---|---|---|"]
     for size, dtype in dict.fromkeys((size, dtype) for size, dtype, _ in results):
@@ -171,11 +171,11 @@ def _gpu_maxsim_summary(results: dict) -> list[str]:
              "| memory vs reference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (size, dtype, mode, variant), row in results.items():
         ref = results.get((size, dtype, mode, "reference"))
-        time_ratio = f"{ref['median_s'] / row['median_s']:.1f}× faster" if ref else "n/a"
+        time_ratio = f"{ref['median_s'] / row['median_s']:.3g}× faster" if ref else "n/a"
         memory_ratio = f"{ref['peak_bytes'] / max(row['peak_bytes'], 1):.1f}× less" if ref else "n/a"
         lines.append(f"| {size} | {dtype} | {mode} | {variant} | {_format_time(row['median_s'])} | "
                      f"{row['peak_bytes'] / 2**20:.1f} MiB | {_format_time(row['floor_s'])} | "
-                     f"{row['fraction_of_floor']:.2f} | {time_ratio} | {memory_ratio} |")
+                     f"{row['fraction_of_floor']:.3g} | {time_ratio} | {memory_ratio} |")
     return lines
 
 
