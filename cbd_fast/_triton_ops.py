@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ._checks import result_dtype
 from ._gpu_autograd import register_from_tokens_autograd, register_maxsim_score_autograd
+from ._result import empty_banzhaf_outputs
 from .kernels import banzhaf as banzhaf_kernels
 from .kernels import maxsim as maxsim_kernels
 
@@ -59,10 +60,7 @@ def maxsim_score_backward(grad_score: Tensor, text: Tensor, image: Tensor, text_
 
 @banzhaf_interaction.register_fake
 def _(sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
-    dtype = result_dtype(sim.dtype)
-    batch, text_len, image_len = sim.shape
-    return (sim.new_empty((batch, text_len, image_len), dtype=dtype), sim.new_empty((batch, text_len), dtype=dtype),
-            sim.new_empty((batch, image_len), dtype=dtype))
+    return empty_banzhaf_outputs(sim, *sim.shape, result_dtype(sim.dtype))
 
 
 @banzhaf_interaction_backward.register_fake
@@ -73,11 +71,7 @@ def _(grad_interaction, grad_text_value, grad_image_value, sim, text_mask, image
 
 @banzhaf_interaction_from_tokens.register_fake
 def _(text, image, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
-    dtype = result_dtype(text.dtype)
-    batch, text_len, _ = text.shape
-    image_len = image.shape[1]
-    return (text.new_empty((batch, text_len, image_len), dtype=dtype), text.new_empty((batch, text_len), dtype=dtype),
-            text.new_empty((batch, image_len), dtype=dtype))
+    return empty_banzhaf_outputs(text, text.shape[0], text.shape[1], image.shape[1], result_dtype(text.dtype))
 
 
 @maxsim_score.register_fake

@@ -9,7 +9,7 @@ from ._checks import check_choice, check_float_tensor, check_same_device, mask_o
     weight_or_default
 from ._gpu_autograd import register_from_tokens_autograd
 from ._ops import has_extension
-from ._result import BanzhafResult
+from ._result import BanzhafResult, empty_banzhaf_outputs
 from .coalitions import num_exact_draws, seed_as_int64
 
 ESTIMATORS = ("paired", "msr", "exact")
@@ -169,10 +169,7 @@ def banzhaf_interaction_from_tokens(text: torch.Tensor, image: torch.Tensor, tex
 def _register() -> None:
     @torch.library.register_fake("cbd_fast::banzhaf_interaction")
     def _(sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
-        dtype = result_dtype(sim.dtype)
-        batch, text_len, image_len = sim.shape
-        return (sim.new_empty((batch, text_len, image_len), dtype=dtype), sim.new_empty((batch, text_len), dtype=dtype),
-                sim.new_empty((batch, image_len), dtype=dtype))
+        return empty_banzhaf_outputs(sim, *sim.shape, result_dtype(sim.dtype))
 
     @torch.library.register_fake("cbd_fast::banzhaf_interaction_backward")
     def _(grad_interaction, grad_text_value, grad_image_value, sim, text_mask, image_mask, text_weight,
@@ -198,11 +195,8 @@ def _register() -> None:
     if hasattr(torch.ops.cbd_fast, "banzhaf_interaction_from_tokens"):  # the CUDA-only fused op
         @torch.library.register_fake("cbd_fast::banzhaf_interaction_from_tokens")
         def _(text, image, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
-            dtype = result_dtype(text.dtype)
-            batch, text_len, _ = text.shape
-            image_len = image.shape[1]
-            return (text.new_empty((batch, text_len, image_len), dtype=dtype),
-                    text.new_empty((batch, text_len), dtype=dtype), text.new_empty((batch, image_len), dtype=dtype))
+            return empty_banzhaf_outputs(text, text.shape[0], text.shape[1], image.shape[1],
+                                         result_dtype(text.dtype))
 
         register_from_tokens_autograd("cbd_fast::banzhaf_interaction_from_tokens",
                                       torch.ops.cbd_fast.banzhaf_interaction_backward)

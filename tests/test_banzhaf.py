@@ -316,3 +316,21 @@ def test_triton_path_refuses_what_the_compiled_kernels_refuse(kernel_device):
 def test_from_tokens_shape_mismatch():
     with pytest.raises(ValueError, match="agree in B and D"):
         cbd_fast.banzhaf_interaction_from_tokens(torch.randn(2, 3, 8), torch.randn(2, 4, 7))
+
+
+@pytest.mark.skipif(not cbd_fast.build_info()["triton"], reason="triton not installed")
+def test_triton_ops_pass_opcheck(kernel_device):
+    from cbd_fast import _triton_ops
+
+    sim, text_mask, image_mask, text_weight, image_weight = (
+        x.to(kernel_device) for x in random_game(2, 3, 4, dtype=torch.float32, seed=7))
+    sim.requires_grad_(True)
+    torch.library.opcheck(_triton_ops.banzhaf_interaction,
+                          (sim, text_mask, image_mask, text_weight, image_weight, 8, 3, "paired"))
+    text = torch.randn(2, 3, 16, device=kernel_device, requires_grad=True)
+    image = torch.randn(2, 4, 16, device=kernel_device, requires_grad=True)
+    torch.library.opcheck(_triton_ops.banzhaf_interaction_from_tokens,
+                          (text, image, text_mask, image_mask, text_weight, image_weight, 8, 3, "paired"))
+    alpha = torch.full((2, 3), 1 / 3, device=kernel_device)
+    beta = torch.full((2, 4), 1 / 4, device=kernel_device)
+    torch.library.opcheck(_triton_ops.maxsim_score, (text, image, text_mask, image_mask, alpha, beta))
