@@ -24,10 +24,12 @@ def _nvcc() -> str | None:
 
 
 @pytest.mark.skipif(not has_triton(), reason="triton is not installed")
-def test_triton_kernels_compile_for_sm90_without_spills():
+def test_triton_kernels_compile_for_sm90_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and the source tree's cbd_fast/ has no
+    # kernels/ subpackage (it is mapped from the top-level kernels/ folder at install time).
     result = subprocess.run([sys.executable, "-m", "cbd_fast.kernels._compile"], capture_output=True, text=True,
-                            env=env, timeout=1200)
+                            env=env, timeout=1200, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     names = {r["name"].split("[")[0] for r in reports}
