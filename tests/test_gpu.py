@@ -129,8 +129,10 @@ def test_maxsim_gpu_is_bitwise_deterministic_and_light(backend):
     base = torch.cuda.memory_allocated()
     score = cbd_fast.maxsim(text, image, backend=backend)
     grads = torch.autograd.grad(score.sum(), (text, image))
-    # O(Bt·Bi) state, never the [Bt, Bi, T, V] similarity tensor (420 MB here in fp32).
-    assert torch.cuda.max_memory_allocated() - base < 64 * 2**20
+    # The gradients (43 MB) and at most O(Bt·Bi·(T+V)) saved maxima, never the [Bt, Bi, T, V] similarity tensor
+    # (420 MB here in fp32).
+    similarity_bytes = 256 * 256 * 32 * 50 * 4
+    assert torch.cuda.max_memory_allocated() - base < similarity_bytes / 3
     again = cbd_fast.maxsim(text, image, backend=backend)
     grads_again = torch.autograd.grad(again.sum(), (text, image))
     assert torch.equal(score, again) and all(torch.equal(a, b) for a, b in zip(grads, grads_again))
