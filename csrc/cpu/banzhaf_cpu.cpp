@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "../banzhaf_common.h"
 #include "../ops.h"
 #include "../philox.h"
 
@@ -23,9 +24,14 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 constexpr int64_t kMaxExactPlayers = 20;
 constexpr int64_t kMaxTokens = 4096;  // per-draw scratch is O(T + V); this bounds the partial-sum buffers
 constexpr int64_t kTargetWorkItems = 64;
-// Leave-one-out sums subtract one token's weight from a total; with weights exp(logit) that keeps ~1e-4 relative
-// precision in double only while the valid logits of a pair span at most 27 (e^27 ≈ 2^39). Wider spans are refused.
-constexpr double kMaxWeightSpan = 27.0;
+
+using banzhaf_common::inverse_count;
+using banzhaf_common::kMaxWeightSpan;
+using banzhaf_common::masked_result;
+using banzhaf_common::msr_estimates;
+using banzhaf_common::msr_strata;
+using banzhaf_common::MsrStrata;
+using banzhaf_common::result_dtype;
 
 enum class Estimator { kPaired, kMsr, kExact };
 
@@ -511,49 +517,16 @@ MsrSums msr_sums(const Game& game) {
   return {total.narrow(1, 0, stride).contiguous(), total.narrow(1, stride, stride).contiguous()};
 }
 
-// The four strata of every (i, j) as (sum, count) views, from the joint, marginal and total sums.
-struct Strata {
-  at::Tensor s11, s10, s01, s00, n11, n10, n01, n00, st1, st0, nt1, nt0, sv1, sv0, nv1, nv0;
-};
-
-Strata msr_strata(const Game& game, const MsrSums& m) {
-  const int64_t B = game.batch, T = game.text_len, V = game.image_len, TV = T * V;
-  auto split = [&](const at::Tensor& x) {
-    return std::make_tuple(x.narrow(1, 0, TV).view({B, T, V}), x.narrow(1, TV, T).view({B, T, 1}),
-                           x.narrow(1, TV + T, V).view({B, 1, V}), x.narrow(1, TV + T + V, 1).view({B, 1, 1}));
-  };
-  auto [s_tv, s_t, s_v, s_all] = split(m.sums);
-  auto [n_tv, n_t, n_v, n_all] = split(m.counts);
-  Strata st;
-  st.s11 = s_tv, st.s10 = s_t - s_tv, st.s01 = s_v - s_tv, st.s00 = s_all - s_t - s_v + s_tv;
-  st.n11 = n_tv, st.n10 = n_t - n_tv, st.n01 = n_v - n_tv, st.n00 = n_all - n_t - n_v + n_tv;
-  st.st1 = s_t.view({B, T}), st.st0 = (s_all.view({B, 1}) - s_t.view({B, T})), st.nt1 = n_t.view({B, T}),
-  st.nt0 = n_all.view({B, 1}) - n_t.view({B, T});
-  st.sv1 = s_v.view({B, V}), st.sv0 = (s_all.view({B, 1}) - s_v.view({B, V})), st.nv1 = n_v.view({B, V}),
-  st.nv0 = n_all.view({B, 1}) - n_v.view({B, V});
-  return st;
-}
-
-at::Tensor stratum_mean(const at::Tensor& sum, const at::Tensor& count) {  // empty strata count as 0
-  return at::where(count > 0, sum / count.clamp_min(1), at::zeros({}, sum.options()));
-}
-at::Tensor inverse_count(const at::Tensor& count) {
-  return at::where(count > 0, 1.0 / count.clamp_min(1), at::zeros({}, count.options()));
-}
-
 Tensor3 msr_forward(const Game& game) {
-  const Strata st = msr_strata(game, msr_sums(game));
-  auto interaction = stratum_mean(st.s11, st.n11) - stratum_mean(st.s10, st.n10) - stratum_mean(st.s01, st.n01) +
-                     stratum_mean(st.s00, st.n00);
-  auto text_value = stratum_mean(st.st1, st.nt1) - stratum_mean(st.st0, st.nt0);
-  auto image_value = stratum_mean(st.sv1, st.nv1) - stratum_mean(st.sv0, st.nv0);
-  return {interaction, text_value, image_value};
+  const MsrSums m = msr_sums(game);
+  return msr_estimates(msr_strata(m.sums, m.counts, game.batch, game.text_len, game.image_len));
 }
 
 Tensor3 msr_backward(const Game& game, const at::Tensor& grad_interaction, const at::Tensor& grad_text_value,
                      const at::Tensor& grad_image_value) {
   const int64_t B = game.batch, T = game.text_len, V = game.image_len, TV = T * V;
-  const Strata st = msr_strata(game, msr_sums(game));
+  const MsrSums m = msr_sums(game);
+  const MsrStrata st = msr_strata(m.sums, m.counts, B, T, V);
   // dL/dv_k = Σ_{i,j} g[i,j]·(±1/N_stratum) for the stratum (i,j) falls in at draw k, plus the value terms.
   auto gi = grad_interaction.to(at::kDouble);
   auto w11 = (gi * inverse_count(st.n11)).contiguous(), w10 = (-gi * inverse_count(st.n10)).contiguous();
@@ -586,14 +559,6 @@ Tensor3 msr_backward(const Game& game, const at::Tensor& grad_interaction, const
   });
   return {total.narrow(1, 0, TV).reshape({B, T, V}), total.narrow(1, TV, T) * game.text_w,
           total.narrow(1, TV + T, V) * game.image_w};
-}
-
-at::Tensor masked_result(const at::Tensor& x, const at::Tensor& mask, at::ScalarType dtype) {
-  return at::where(mask, x, at::zeros({}, x.options())).to(dtype);
-}
-
-at::ScalarType result_dtype(at::ScalarType t) {
-  return (t == at::kFloat || t == at::kDouble) ? t : at::kFloat;
 }
 
 }  // namespace

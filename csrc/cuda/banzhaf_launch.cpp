@@ -13,6 +13,7 @@
 #include <string>
 #include <utility>
 
+#include "../banzhaf_common.h"
 #include "../ops.h"
 
 namespace cbd_fast {
@@ -56,8 +57,13 @@ using banzhaf_cuda::kPairedForward;
 constexpr int64_t kTargetCtas = 1024;
 constexpr int64_t kMinDrawsPerSlice = 16;
 constexpr int64_t kMaxPartialBytes = int64_t(512) << 20;
-// Same bound as the C++ kernels: leave-one-out sums in double keep ~1e-4 relative precision up to this span.
-constexpr double kMaxWeightSpan = 27.0;
+
+using banzhaf_common::inverse_count;
+using banzhaf_common::kMaxWeightSpan;
+using banzhaf_common::masked_result;
+using banzhaf_common::msr_estimates;
+using banzhaf_common::MsrStrata;
+using banzhaf_common::result_dtype;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 enum class Estimator { kPaired, kMsr };
@@ -276,53 +282,20 @@ Tensor3 paired_backward(const CudaGame& game, const at::Tensor& grad_interaction
 // ---------------------------------------------------------------------------------------------------------------
 // msr: one value per draw; strata sums over (i in A?) x (j in C?)
 
-// The four strata of every (i, j) as (sum, count) views, from the joint, marginal and total sums over the draws.
-struct Strata {
-  at::Tensor s11, s10, s01, s00, n11, n10, n01, n00, st1, st0, nt1, nt0, sv1, sv0, nv1, nv0;
-};
-
-Strata msr_strata(const CudaGame& game) {
-  const int64_t B = game.batch, T = game.text_len, V = game.image_len, TV = T * V;
-  const int64_t stride = TV + T + V + 1;
-  // [Σv for i∈A, j∈C | i∈A | j∈C | all] then the same counts.
+// The strata of every (i, j) and token from one msr pass: [Σv for i∈A, j∈C | i∈A | j∈C | all] then the counts.
+MsrStrata msr_strata(const CudaGame& game) {
+  const int64_t stride = game.text_len * game.image_len + game.text_len + game.image_len + 1;
   const auto total = run_pass(game, kMsrSums, 2 * stride);
-  const auto sums = total.narrow(1, 0, stride), counts = total.narrow(1, stride, stride);
-  auto split = [&](const at::Tensor& x) {
-    return std::make_tuple(x.narrow(1, 0, TV).reshape({B, T, V}), x.narrow(1, TV, T).reshape({B, T, 1}),
-                           x.narrow(1, TV + T, V).reshape({B, 1, V}), x.narrow(1, TV + T + V, 1).reshape({B, 1, 1}));
-  };
-  auto [s_tv, s_t, s_v, s_all] = split(sums);
-  auto [n_tv, n_t, n_v, n_all] = split(counts);
-  Strata st;
-  st.s11 = s_tv, st.s10 = s_t - s_tv, st.s01 = s_v - s_tv, st.s00 = s_all - s_t - s_v + s_tv;
-  st.n11 = n_tv, st.n10 = n_t - n_tv, st.n01 = n_v - n_tv, st.n00 = n_all - n_t - n_v + n_tv;
-  st.st1 = s_t.reshape({B, T}), st.st0 = s_all.reshape({B, 1}) - s_t.reshape({B, T});
-  st.nt1 = n_t.reshape({B, T}), st.nt0 = n_all.reshape({B, 1}) - n_t.reshape({B, T});
-  st.sv1 = s_v.reshape({B, V}), st.sv0 = s_all.reshape({B, 1}) - s_v.reshape({B, V});
-  st.nv1 = n_v.reshape({B, V}), st.nv0 = n_all.reshape({B, 1}) - n_v.reshape({B, V});
-  return st;
+  return banzhaf_common::msr_strata(total.narrow(1, 0, stride), total.narrow(1, stride, stride), game.batch,
+                                    game.text_len, game.image_len);
 }
 
-at::Tensor stratum_mean(const at::Tensor& sum, const at::Tensor& count) {  // empty strata count as 0
-  return at::where(count > 0, sum / count.clamp_min(1), at::zeros({}, sum.options()));
-}
-at::Tensor inverse_count(const at::Tensor& count) {
-  return at::where(count > 0, 1.0 / count.clamp_min(1), at::zeros({}, count.options()));
-}
-
-Tensor3 msr_forward(const CudaGame& game) {
-  const Strata st = msr_strata(game);
-  auto interaction = stratum_mean(st.s11, st.n11) - stratum_mean(st.s10, st.n10) - stratum_mean(st.s01, st.n01) +
-                     stratum_mean(st.s00, st.n00);
-  auto text_value = stratum_mean(st.st1, st.nt1) - stratum_mean(st.st0, st.nt0);
-  auto image_value = stratum_mean(st.sv1, st.nv1) - stratum_mean(st.sv0, st.nv0);
-  return {interaction, text_value, image_value};
-}
+Tensor3 msr_forward(const CudaGame& game) { return msr_estimates(msr_strata(game)); }
 
 Tensor3 msr_backward(const CudaGame& game, const at::Tensor& grad_interaction, const at::Tensor& grad_text_value,
                      const at::Tensor& grad_image_value) {
   const int64_t T = game.text_len, V = game.image_len, TV = T * V;
-  const Strata st = msr_strata(game);
+  const MsrStrata st = msr_strata(game);
   // dL/dv_k = Σ_{i,j} g[i,j]·(±1/N_stratum) for the stratum (i,j) falls in at draw k, plus the value terms.
   const auto& gi = grad_interaction;
   auto w11 = gi * inverse_count(st.n11), w10 = -gi * inverse_count(st.n10);
@@ -338,12 +311,6 @@ Tensor3 msr_backward(const CudaGame& game, const at::Tensor& grad_interaction, c
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-
-at::Tensor masked_result(const at::Tensor& x, const at::Tensor& mask, at::ScalarType dtype) {
-  return at::where(mask, x, at::zeros({}, x.options())).to(dtype);
-}
-
-at::ScalarType result_dtype(at::ScalarType t) { return (t == at::kFloat || t == at::kDouble) ? t : at::kFloat; }
 
 Tensor3 forward(const CudaGame& game, at::ScalarType dtype) {
   const auto options = game.text_valid.options().dtype(dtype);
