@@ -1,22 +1,66 @@
-"""Autograd formulas shared by the Triton and CUDA versions of the GPU-only ops.
+"""Shape (fake) functions and autograd formulas of the compiled ops, shared by every backend that has them.
 
-``banzhaf_interaction_from_tokens`` differentiates through the similarity: the op's own backward (Triton or CUDA)
-gives dL/dS, and ``S = text · imageᵀ`` turns it into feature gradients with two batched GEMMs. ``maxsim_score``
-takes precomputed token coefficients, so its backward returns gradients for the features and the coefficients;
-the coefficients' own graph (softmax of the weight logits) is differentiated by autograd outside the op.
+The C++/CUDA ops (``torch.ops.cbd_fast.*``) and the Triton ops (``cbd_fast._triton_ops``) have the same
+signatures per family, so one registration function per family serves both:
+
+* ``banzhaf_interaction`` + its ``_backward``: the fused backward recomputes every draw from the seed;
+* ``banzhaf_interaction_from_tokens``: differentiated through the similarity — the family's backward gives dL/dS,
+  and ``S = text · imageᵀ`` turns it into feature gradients with two batched GEMMs;
+* ``maxsim_score`` + its ``_backward``: takes precomputed token coefficients, so its backward returns gradients for
+  the features and the coefficients; the coefficients' own graph (softmax of the weight logits) is differentiated
+  by autograd outside the op.
 """
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
 from ._checks import result_dtype
+from ._result import empty_banzhaf_outputs
 
 
-def register_from_tokens_autograd(op_name: str, sim_backward: Callable) -> None:
-    """Autograd for ``op_name(text, image, text_mask, image_mask, text_weight, image_weight, num_samples, seed,
-    estimator)``; ``sim_backward`` has the signature of ``cbd_fast::banzhaf_interaction_backward``."""
+def _op(qualified_name: str):
+    """torch.ops.cbd_fast.<name> for ``"cbd_fast::<name>"`` (looked up when called, after registration)."""
+    namespace, name = qualified_name.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
+
+
+def register_banzhaf_op(op_name: str, backward_name: str) -> None:
+    """Fake functions and autograd of ``op_name(sim, text_mask, image_mask, text_weight, image_weight, num_samples,
+    seed, estimator) -> (interaction, text_value, image_value)`` and of its fused backward ``backward_name``."""
+
+    @torch.library.register_fake(op_name)
+    def _(sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
+        return empty_banzhaf_outputs(sim, *sim.shape, result_dtype(sim.dtype))
+
+    @torch.library.register_fake(backward_name)
+    def _(grad_interaction, grad_text_value, grad_image_value, sim, text_mask, image_mask, text_weight,
+          image_weight, num_samples, seed, estimator):
+        return torch.empty_like(sim), torch.empty_like(text_weight), torch.empty_like(image_weight)
+
+    def setup_context(ctx, inputs, output):
+        sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator = inputs
+        ctx.save_for_backward(sim, text_mask, image_mask, text_weight, image_weight)
+        ctx.config = (num_samples, seed, estimator)
+
+    def backward(ctx, grad_interaction, grad_text_value, grad_image_value):
+        sim, text_mask, image_mask, text_weight, image_weight = ctx.saved_tensors
+        grads = [g if g is not None else torch.zeros(shape, dtype=sim.dtype, device=sim.device)
+                 for g, shape in ((grad_interaction, sim.shape), (grad_text_value, text_mask.shape),
+                                  (grad_image_value, image_mask.shape))]
+        grad_sim, grad_text_weight, grad_image_weight = _op(backward_name)(
+            *(g.contiguous() for g in grads), sim, text_mask, image_mask, text_weight, image_weight, *ctx.config)
+        return grad_sim, None, None, grad_text_weight, grad_image_weight, None, None, None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+def register_from_tokens_op(op_name: str, sim_backward_name: str) -> None:
+    """Fake function and autograd of ``op_name(text, image, text_mask, image_mask, text_weight, image_weight,
+    num_samples, seed, estimator)``; ``sim_backward_name`` is the family's ``banzhaf_interaction_backward``."""
+
+    @torch.library.register_fake(op_name)
+    def _(text, image, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
+        return empty_banzhaf_outputs(text, text.shape[0], text.shape[1], image.shape[1], result_dtype(text.dtype))
 
     def setup_context(ctx, inputs, output):
         text, image, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator = inputs
@@ -29,7 +73,7 @@ def register_from_tokens_autograd(op_name: str, sim_backward: Callable) -> None:
         text_f, image_f = text.to(dtype), image.to(dtype)
         # The forward kernel accumulated S in fp32 (fp64 for fp64 features); the backward uses the same S.
         sim = torch.bmm(text_f, image_f.transpose(1, 2))
-        grad_sim, grad_text_weight, grad_image_weight = sim_backward(
+        grad_sim, grad_text_weight, grad_image_weight = _op(sim_backward_name)(
             grad_interaction.contiguous(), grad_text_value.contiguous(), grad_image_value.contiguous(), sim,
             text_mask, image_mask, text_weight, image_weight, *ctx.config)
         grad_sim = grad_sim.to(dtype)
@@ -40,16 +84,27 @@ def register_from_tokens_autograd(op_name: str, sim_backward: Callable) -> None:
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-def register_maxsim_score_autograd(op_name: str, score_backward: Callable) -> None:
-    """Autograd for ``op_name(text, image, text_mask, image_mask, alpha, beta) -> score``; ``score_backward(grad,
-    text, image, text_mask, image_mask, alpha, beta)`` returns (grad_text, grad_image, grad_alpha, grad_beta)."""
+def register_maxsim_score_op(op_name: str, backward_name: str) -> None:
+    """Fake functions and autograd of ``op_name(text, image, text_mask, image_mask, alpha, beta) -> score`` and of
+    ``backward_name(grad, text, image, text_mask, image_mask, alpha, beta) -> (grad_text, grad_image, grad_alpha,
+    grad_beta)``."""
+
+    @torch.library.register_fake(op_name)
+    def _(text, image, text_mask, image_mask, alpha, beta):
+        return text.new_empty((text.shape[0], image.shape[0]), dtype=result_dtype(text.dtype))
+
+    @torch.library.register_fake(backward_name)
+    def _(grad_score, text, image, text_mask, image_mask, alpha, beta):
+        dtype = result_dtype(text.dtype)
+        return (torch.empty_like(text, dtype=dtype), torch.empty_like(image, dtype=dtype), torch.empty_like(alpha),
+                torch.empty_like(beta))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
     def backward(ctx, grad_score):
         text, image, text_mask, image_mask, alpha, beta = ctx.saved_tensors
-        grad_text, grad_image, grad_alpha, grad_beta = score_backward(
+        grad_text, grad_image, grad_alpha, grad_beta = _op(backward_name)(
             grad_score.contiguous(), text, image, text_mask, image_mask, alpha, beta)
         return grad_text.to(text.dtype), grad_image.to(image.dtype), None, None, grad_alpha, grad_beta
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import result_dtype
-from ._gpu_autograd import register_from_tokens_autograd, register_maxsim_score_autograd
-from ._result import empty_banzhaf_outputs
+from ._gpu_autograd import register_banzhaf_op, register_from_tokens_op, register_maxsim_score_op
 from .kernels import banzhaf as banzhaf_kernels
 from .kernels import maxsim as maxsim_kernels
 
@@ -56,52 +54,9 @@ def maxsim_score_backward(grad_score: Tensor, text: Tensor, image: Tensor, text_
     return maxsim_kernels.maxsim_backward(grad_score, text, image, text_mask, image_mask, alpha, beta)
 
 
-# --- shapes for tracing ------------------------------------------------------------------------------------------
+# --- shapes for tracing and autograd: the same as the C++/CUDA ops of each family ------------------------------
 
-@banzhaf_interaction.register_fake
-def _(sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
-    return empty_banzhaf_outputs(sim, *sim.shape, result_dtype(sim.dtype))
-
-
-@banzhaf_interaction_backward.register_fake
-def _(grad_interaction, grad_text_value, grad_image_value, sim, text_mask, image_mask, text_weight, image_weight,
-      num_samples, seed, estimator):
-    return torch.empty_like(sim), torch.empty_like(text_weight), torch.empty_like(image_weight)
-
-
-@banzhaf_interaction_from_tokens.register_fake
-def _(text, image, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
-    return empty_banzhaf_outputs(text, text.shape[0], text.shape[1], image.shape[1], result_dtype(text.dtype))
-
-
-@maxsim_score.register_fake
-def _(text, image, text_mask, image_mask, alpha, beta):
-    return text.new_empty((text.shape[0], image.shape[0]), dtype=result_dtype(text.dtype))
-
-
-@maxsim_score_backward.register_fake
-def _(grad_score, text, image, text_mask, image_mask, alpha, beta):
-    dtype = result_dtype(text.dtype)
-    return (torch.empty_like(text, dtype=dtype), torch.empty_like(image, dtype=dtype), torch.empty_like(alpha),
-            torch.empty_like(beta))
-
-
-# --- autograd ------------------------------------------------------------------------------------------------------
-
-def _banzhaf_setup_context(ctx, inputs, output):
-    sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator = inputs
-    ctx.save_for_backward(sim, text_mask, image_mask, text_weight, image_weight)
-    ctx.config = (num_samples, seed, estimator)
-
-
-def _banzhaf_backward(ctx, grad_interaction, grad_text_value, grad_image_value):
-    sim, text_mask, image_mask, text_weight, image_weight = ctx.saved_tensors
-    grad_sim, grad_text_weight, grad_image_weight = banzhaf_interaction_backward(
-        grad_interaction.contiguous(), grad_text_value.contiguous(), grad_image_value.contiguous(), sim, text_mask,
-        image_mask, text_weight, image_weight, *ctx.config)
-    return grad_sim, None, None, grad_text_weight, grad_image_weight, None, None, None
-
-
-banzhaf_interaction.register_autograd(_banzhaf_backward, setup_context=_banzhaf_setup_context)
-register_from_tokens_autograd("cbd_fast::triton_banzhaf_interaction_from_tokens", banzhaf_interaction_backward)
-register_maxsim_score_autograd("cbd_fast::triton_maxsim_score", maxsim_score_backward)
+register_banzhaf_op("cbd_fast::triton_banzhaf_interaction", "cbd_fast::triton_banzhaf_interaction_backward")
+register_from_tokens_op("cbd_fast::triton_banzhaf_interaction_from_tokens",
+                        "cbd_fast::triton_banzhaf_interaction_backward")
+register_maxsim_score_op("cbd_fast::triton_maxsim_score", "cbd_fast::triton_maxsim_score_backward")

@@ -7,9 +7,9 @@ from . import _banzhaf_torch
 from ._backend import resolve_backend
 from ._checks import check_choice, check_float_tensor, check_same_device, mask_or_default, result_dtype, \
     weight_or_default
-from ._gpu_autograd import register_from_tokens_autograd
+from ._gpu_autograd import register_banzhaf_op, register_from_tokens_op
 from ._ops import has_extension
-from ._result import BanzhafResult, empty_banzhaf_outputs
+from ._result import BanzhafResult
 from .coalitions import num_exact_draws, seed_as_int64
 
 ESTIMATORS = ("paired", "msr", "exact")
@@ -49,6 +49,7 @@ def _check_values(op: str, sim, text_mask, image_mask, text_weight, image_weight
     if sim is not None and not bool(torch.isfinite(sim).all()):
         raise ValueError(f"{op}: sim must be finite")
     for name, weight, mask in (("text_weight", text_weight, text_mask), ("image_weight", image_weight, image_mask)):
+        weight = weight.detach()
         if not bool(torch.isfinite(weight.masked_fill(~mask, 0)).all()):
             raise ValueError(f"{op}: {name} must be finite on valid tokens")
         high = weight.masked_fill(~mask, float("-inf")).amax(1)
@@ -167,39 +168,9 @@ def banzhaf_interaction_from_tokens(text: torch.Tensor, image: torch.Tensor, tex
 # --- torch.library registration: shapes for tracing, and the fused backward ---------------------------------------
 
 def _register() -> None:
-    @torch.library.register_fake("cbd_fast::banzhaf_interaction")
-    def _(sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
-        return empty_banzhaf_outputs(sim, *sim.shape, result_dtype(sim.dtype))
-
-    @torch.library.register_fake("cbd_fast::banzhaf_interaction_backward")
-    def _(grad_interaction, grad_text_value, grad_image_value, sim, text_mask, image_mask, text_weight,
-          image_weight, num_samples, seed, estimator):
-        return torch.empty_like(sim), torch.empty_like(text_weight), torch.empty_like(image_weight)
-
-    def setup_context(ctx, inputs, output):
-        sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator = inputs
-        ctx.save_for_backward(sim, text_mask, image_mask, text_weight, image_weight)
-        ctx.config = (num_samples, seed, estimator)
-
-    def backward(ctx, grad_interaction, grad_text_value, grad_image_value):
-        sim, text_mask, image_mask, text_weight, image_weight = ctx.saved_tensors
-        grads = [g if g is not None else torch.zeros(shape, dtype=sim.dtype, device=sim.device)
-                 for g, shape in ((grad_interaction, sim.shape), (grad_text_value, text_mask.shape),
-                                  (grad_image_value, image_mask.shape))]
-        grad_sim, grad_text_weight, grad_image_weight = torch.ops.cbd_fast.banzhaf_interaction_backward(
-            *(g.contiguous() for g in grads), sim, text_mask, image_mask, text_weight, image_weight, *ctx.config)
-        return grad_sim, None, None, grad_text_weight, grad_image_weight, None, None, None
-
-    torch.library.register_autograd("cbd_fast::banzhaf_interaction", backward, setup_context=setup_context)
-
+    register_banzhaf_op("cbd_fast::banzhaf_interaction", "cbd_fast::banzhaf_interaction_backward")
     if hasattr(torch.ops.cbd_fast, "banzhaf_interaction_from_tokens"):  # the CUDA-only fused op
-        @torch.library.register_fake("cbd_fast::banzhaf_interaction_from_tokens")
-        def _(text, image, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
-            return empty_banzhaf_outputs(text, text.shape[0], text.shape[1], image.shape[1],
-                                         result_dtype(text.dtype))
-
-        register_from_tokens_autograd("cbd_fast::banzhaf_interaction_from_tokens",
-                                      torch.ops.cbd_fast.banzhaf_interaction_backward)
+        register_from_tokens_op("cbd_fast::banzhaf_interaction_from_tokens", "cbd_fast::banzhaf_interaction_backward")
 
 
 if has_extension():

@@ -13,7 +13,7 @@ import torch
 from ._backend import resolve_backend
 from ._checks import (check_choice, check_float_tensor, check_same_device, mask_or_default, result_dtype,
                       weight_or_default)
-from ._gpu_autograd import register_maxsim_score_autograd
+from ._gpu_autograd import register_maxsim_score_op
 from ._ops import has_extension
 
 REDUCTIONS = ("wti", "sum", "mean")
@@ -198,17 +198,7 @@ def _register_abstract_and_autograd() -> None:
     torch.library.register_autograd("cbd_fast::maxsim_forward", _backward, setup_context=_setup_context)
 
     if hasattr(torch.ops.cbd_fast, "maxsim_score"):  # the CUDA kernels' op (no CPU kernel)
-        @torch.library.register_fake("cbd_fast::maxsim_score")
-        def _maxsim_score_fake(text, image, text_mask, image_mask, alpha, beta):
-            return text.new_empty((text.shape[0], image.shape[0]), dtype=result_dtype(text.dtype))
-
-        @torch.library.register_fake("cbd_fast::maxsim_score_backward")
-        def _maxsim_score_backward_fake(grad_score, text, image, text_mask, image_mask, alpha, beta):
-            dtype = result_dtype(text.dtype)
-            return (torch.empty_like(text, dtype=dtype), torch.empty_like(image, dtype=dtype),
-                    torch.empty_like(alpha), torch.empty_like(beta))
-
-        register_maxsim_score_autograd("cbd_fast::maxsim_score", torch.ops.cbd_fast.maxsim_score_backward)
+        register_maxsim_score_op("cbd_fast::maxsim_score", "cbd_fast::maxsim_score_backward")
 
 
 if has_extension():  # without the compiled extension the ops do not exist; backend="torch" still works
