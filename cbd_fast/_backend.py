@@ -83,3 +83,13 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
         if reason is not None:
             raise ValueError(f"{op}: backend={backend!r} cannot run here: {reason}")
     return backend
+
+
+def within_kernel_limits(chosen: str, backend: str, op: str, reason: str | None) -> str:
+    """``chosen`` when the problem is within its kernel's limits (``reason`` None); otherwise ``auto`` falls back to
+    the torch backend and a forced backend raises with ``reason``."""
+    if reason is None:
+        return chosen
+    if backend == "auto":
+        return "torch"
+    raise ValueError(f"{op}: backend={backend!r}: {reason}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _banzhaf_torch
-from ._backend import resolve_backend
+from ._backend import resolve_backend, within_kernel_limits
 from ._checks import check_choice, check_float_tensor, check_same_device, mask_or_default, result_dtype, \
     weight_or_default
 from ._gpu_autograd import register_banzhaf_op, register_from_tokens_op
@@ -73,10 +73,7 @@ def _choose_backend(backend: str, device: torch.device, op: str, text_len: int, 
         elif text_len > GPU_MAX_TEXT_TOKENS or image_len > GPU_MAX_IMAGE_TOKENS:
             reason = (f"the GPU kernels support T <= {GPU_MAX_TEXT_TOKENS} and V <= {GPU_MAX_IMAGE_TOKENS} "
                       f"tokens, got T={text_len}, V={image_len}")
-        if reason is not None:
-            if backend == "auto":
-                return "torch"
-            raise ValueError(f"{op}: backend={backend!r}: {reason}")
+        chosen = within_kernel_limits(chosen, backend, op, reason)
     if chosen == "cpu" and max(text_len, image_len) > CPU_MAX_TOKENS:
         raise ValueError(f"{op}: the CPU kernel supports T, V <= {CPU_MAX_TOKENS} tokens, got "
                          f"T={text_len}, V={image_len} (use backend='torch')")

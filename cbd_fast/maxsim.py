@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import resolve_backend, within_kernel_limits
 from ._checks import (check_choice, check_float_tensor, check_same_device, mask_or_default, result_dtype,
                       weight_or_default)
 from ._gpu_autograd import register_maxsim_score_op
@@ -68,7 +68,11 @@ def maxsim(text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor | No
 
     chosen = resolve_backend(backend, text.device, "maxsim")
     if chosen in ("triton", "cuda"):
-        chosen = _check_gpu_limits(chosen, backend, text_len, image_len, dim)
+        reason = None
+        if text_len > GPU_MAX_TEXT_TOKENS or image_len > GPU_MAX_IMAGE_TOKENS or dim > GPU_MAX_DIM:
+            reason = (f"the GPU kernels support T <= {GPU_MAX_TEXT_TOKENS}, V <= {GPU_MAX_IMAGE_TOKENS} and "
+                      f"D <= {GPU_MAX_DIM}, got T={text_len}, V={image_len}, D={dim}")
+        chosen = within_kernel_limits(chosen, backend, "maxsim", reason)
     if chosen in ("triton", "cuda"):
         dtype = result_dtype(text.dtype)
         # The coefficients (softmax of the logits for "wti") stay in autograd's hands; the kernels take them as
@@ -86,16 +90,6 @@ def maxsim(text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor | No
                                                  image_mask.contiguous(), text_weight.contiguous(),
                                                  image_weight.contiguous(), reduction)[0]
     return _maxsim_torch(text, image, text_mask, image_mask, text_weight, image_weight, reduction)
-
-
-def _check_gpu_limits(chosen: str, backend: str, text_len: int, image_len: int, dim: int) -> str:
-    """The GPU kernels' size limits: ``auto`` falls back to the torch backend, a forced backend raises."""
-    if text_len <= GPU_MAX_TEXT_TOKENS and image_len <= GPU_MAX_IMAGE_TOKENS and dim <= GPU_MAX_DIM:
-        return chosen
-    if backend == "auto":
-        return "torch"
-    raise ValueError(f"maxsim: backend={backend!r} supports T <= {GPU_MAX_TEXT_TOKENS}, V <= {GPU_MAX_IMAGE_TOKENS} "
-                     f"and D <= {GPU_MAX_DIM}, got T={text_len}, V={image_len}, D={dim}")
 
 
 def token_coefficients(weight: torch.Tensor, mask: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
