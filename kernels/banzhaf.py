@@ -144,7 +144,7 @@ def _members(key0, key1, draw, pair, SIDE: tl.constexpr, first, token, valid):
     return valid & (((bits >> (token % 32).to(tl.uint32)) & 1) != 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("seed_lo", "seed_hi"))  # seed 1 would become a constexpr int
 def _coalition_bits_kernel(text_out_ptr, image_out_ptr, seed_lo, seed_hi, batch, T, V):
     """Raw coalition bits of draw program_id(0) for pair program_id(1): text_out [K, B, T], image_out [K, B, V]
     (int8); checks the in-kernel generator against cbd_fast.coalitions."""
@@ -440,7 +440,7 @@ def _similarity_tile(text_ptr, image_ptr, t_idx, u_idx, T, V, D, BLOCK_D: tl.con
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("seed_lo", "seed_hi"))  # seed 1 would become a constexpr int
 def _forward_tile_kernel(
         sim_ptr, text_ptr, image_ptr,
         text_valid_ptr, image_valid_ptr, text_w_ptr, image_w_ptr,
@@ -533,7 +533,7 @@ def _half_tile_offsets(row_idx, col_idx, T, V, ROWS_ARE_TEXT: tl.constexpr):
     return offsets, mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("seed_lo", "seed_hi"))  # seed 1 would become a constexpr int
 def _backward_tile_kernel(
         sim_ptr, text_valid_ptr, image_valid_ptr, text_w_ptr, image_w_ptr,
         coef_pair_ptr, coef_text_ptr, coef_image_ptr, coef_const_ptr,
@@ -1062,7 +1062,7 @@ def _draw_blocked(scratch, scratch_len, text_valid_pair, image_valid_pair, text_
     return n_text, w_text, n_image, w_image
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("seed_lo", "seed_hi"))  # seed 1 would become a constexpr int
 def _forward_blocked_kernel(
         sim_ptr, text_valid_ptr, image_valid_ptr, text_w_ptr, image_w_ptr,
         out_pair_ptr, out_text_ptr, out_image_ptr,
@@ -1164,7 +1164,7 @@ def _backward_half_blocked(sim_pair, coef_pair, coef_text, coef_image, grad_sim,
     tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("seed_lo", "seed_hi"))  # seed 1 would become a constexpr int
 def _backward_blocked_kernel(
         sim_ptr, text_valid_ptr, image_valid_ptr, text_w_ptr, image_w_ptr,
         coef_pair_ptr, coef_text_ptr, coef_image_ptr, coef_const_ptr,

@@ -55,12 +55,33 @@ def output_grads(batch, text_len, image_len, dtype, seed=0):
 
 # --- coalitions ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("seed", [0, 7, 123456789012345, 2**63 + 11, 2**64 - 1])
+# 1 and 2**32: a seed half equal to 1 is the integer value Triton would specialise into a constant (a compile error
+# before the kernels declared the seed arguments do_not_specialize; only a real GPU launch shows it).
+@pytest.mark.parametrize("seed", [0, 1, 7, 2**32, 123456789012345, 2**63 + 11, 2**64 - 1])
 def test_in_kernel_bits_are_the_published_coalitions(kernel_device, seed):
     # V=130 crosses the 128-token chunk boundary (counter word 3 = 1)
     text_bits, image_bits = kb.coalition_bits(2, 5, 130, 3, seed, device=kernel_device)
     text_in, image_in = cbd_fast.coalitions(2, 5, 130, 3, seed=seed)
     assert torch.equal(text_bits.cpu(), text_in) and torch.equal(image_bits.cpu(), image_in)
+
+
+def test_seed_arguments_are_never_specialised():
+    """Triton turns an integer argument equal to 1 into a compile-time constant unless told not to; the kernels
+    bitcast the seed halves, which a Python int cannot do, so every kernel must exempt them."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def exempt(kernel) -> set[str]:  # a compiled kernel, or its stand-in under TRITON_INTERPRET=1
+        if isinstance(kernel, InterpretedFunction):
+            return set(kernel.kwargs.get("do_not_specialize") or ())
+        return {p.name for p in kernel.params if p.do_not_specialize}
+
+    kernels = [k for k in vars(kb).values() if isinstance(k, (triton.runtime.jit.JITFunction, InterpretedFunction))]
+    seeded = [k for k in kernels if "seed_lo" in (k.arg_names if isinstance(k, InterpretedFunction) else
+                                                  [p.name for p in k.params])]
+    assert len(seeded) >= 5, kernels
+    for kernel in seeded:
+        assert {"seed_lo", "seed_hi"} <= exempt(kernel), (kernel, exempt(kernel))
 
 
 def test_negative_int64_seed_is_its_uint64_bits(kernel_device):
