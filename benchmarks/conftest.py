@@ -166,12 +166,18 @@ def _gpu_banzhaf_summary(results: dict) -> list[str]:
     return lines
 
 
+def _speed_ratio(reference_s: float, variant_s: float) -> str:
+    """"2.5× faster" or "1.9× slower": the variant's time against the reference's, always a ratio >= 1."""
+    ratio = reference_s / variant_s
+    return f"{ratio:.3g}× faster" if ratio >= 1 else f"{1 / ratio:.3g}× slower"
+
+
 def _gpu_maxsim_summary(results: dict) -> list[str]:
     lines = ["| size | dtype | mode | variant | median | peak memory | floor | fraction of floor | time vs reference "
              "| memory vs reference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (size, dtype, mode, variant), row in results.items():
         ref = results.get((size, dtype, mode, "reference"))
-        time_ratio = f"{ref['median_s'] / row['median_s']:.3g}× faster" if ref else "n/a"
+        time_ratio = _speed_ratio(ref["median_s"], row["median_s"]) if ref else "n/a"
         memory_ratio = f"{ref['peak_bytes'] / max(row['peak_bytes'], 1):.1f}× less" if ref else "n/a"
         lines.append(f"| {size} | {dtype} | {mode} | {variant} | {_format_time(row['median_s'])} | "
                      f"{row['peak_bytes'] / 2**20:.1f} MiB | {_format_time(row['floor_s'])} | "
