@@ -2,9 +2,27 @@
 from __future__ import annotations
 
 import importlib.util
+import pathlib
+import warnings
 from typing import Any
 
 import torch
+
+
+def _missing_extension_reason(error: ImportError) -> str:
+    """Why ``cbd_fast._C`` did not import, in words a user can act on (Python's own message for a missing
+    submodule speaks of a circular import)."""
+    package = pathlib.Path(__file__).resolve().parent
+    if importlib.util.find_spec(f"{__package__}._C") is not None:
+        return str(error)  # present but broken (e.g. built against another torch)
+    root = package.parent
+    if (root / "setup.py").is_file() and (root / "csrc").is_dir():
+        return (f"cbd_fast was imported from its source tree {root}, which holds no compiled extension (the "
+                f"current directory or PYTHONPATH comes before the installed package); run from another "
+                f"directory to use the installed cbd_fast, or build in place with "
+                f"`pip install --no-build-isolation -e .`")
+    return f"cbd_fast was installed without its compiled extension (no _C module in {package})"
+
 
 try:  # the extension registers the torch.ops.cbd_fast.* kernels on import
     from . import _C  # noqa: F401
@@ -12,7 +30,9 @@ try:  # the extension registers the torch.ops.cbd_fast.* kernels on import
     _EXTENSION_ERROR: str | None = None
 except ImportError as exc:  # pure-Python fall-back: backend="torch" still works
     _C = None
-    _EXTENSION_ERROR = str(exc)
+    _EXTENSION_ERROR = _missing_extension_reason(exc)
+    warnings.warn(f"{_EXTENSION_ERROR}. Every op falls back to the slow PyTorch backend.", RuntimeWarning,
+                  stacklevel=2)
 
 
 def has_extension() -> bool:
