@@ -1,113 +1,318 @@
-"""Run configuration: YAML files as data, defaults, dotted ``key=value`` overrides, strict key checking."""
+"""Run configuration: one file of defaults, a user's YAML file over it, dotted ``key=value`` overrides over that.
+
+``configs/default.yaml`` (installed as ``cbd_fast.configs``) is the only source of defaults and lists every key.
+:func:`resolve` merges a user's config and the command-line overrides over it and checks every key of the run
+sections (name, type, range): errors are :class:`ConfigError` naming the key and what was expected. The
+``model`` and ``data`` sections are checked by their own modules when the run is built.
+
+Merging is key by key, with one exception: naming another scenario (``data.scenario``, or a scenario file as
+``data: path.yaml``) or another architecture (``model.preset``, ``model.pretrained``) starts that section afresh
+from what is given, since the old section's keys belong to the old scenario or architecture. Overrides apply
+whole sections before single keys, so ``data=my_scenario.yaml data.num_tasks=3`` reads the file, then changes
+``num_tasks``, in either order.
+
+This module does not import torch: ``cbd-train --help`` and ``--print-config`` answer at once.
+"""
 from __future__ import annotations
 
 import copy
+import difflib
+import hashlib
 import importlib.resources
+import json
+import math
 import pathlib
-from typing import Any
+import re
+import warnings
+from typing import Any, Callable
 
 import yaml
 
-# Every key a run understands, with its default. Sections owned by other modules (model, data) are validated there.
-DEFAULTS: dict[str, Any] = {
-    "name": "default",
-    "seed": 0,
-    "device": "auto",  # auto | cpu | cuda | cuda:N
-    "output_dir": "runs",
-    "model": {"preset": "tiny"},
-    "data": {"scenario": "synthetic", "num_tasks": 3},
-    "train": {
-        "epochs": 6,
-        "batch_size": 32,
-        "lr": 1.0e-3,
-        "weight_decay": 0.05,
-        "warmup_steps": 20,
-        "grad_clip": 1.0,
-        "bf16": "auto",  # autocast to bf16 on GPU
-        "prompt_query": "old_model",  # prompt-pool queries from the frozen previous-task model, or "prompt_free"
-        "replay": {"strategy": "reservoir", "size": 128, "batch_size": 16},  # strategy: reservoir | per_task | none
-    },
-    "loss": {
-        "method": "cbd",  # cbd | finetune (finetune turns every distillation term off)
-        "sample": 1.0,  # λ_s
-        "sample_temperature": 0.05,
-        "token": 1.0,  # λ_tok
-        "token_kind": "mse",  # mse | kl
-        "token_temperature": 0.1,
-        "banzhaf": 1.0,  # λ_bz
-        "banzhaf_source": "estimator",  # estimator | module
-        "banzhaf_samples": 64,
-        "banzhaf_estimator": "paired",
-        "banzhaf_temperature": 0.01,
-        "module_hidden": 32,
-        "prompt": 0.1,  # λ_p
-    },
-    "eval": {"batch_size": 128, "prompt_selection": "key", "plot_metric": "mean_R@1"},
-}
+from .errors import InputError
 
 
-def _merge(base: dict, update: dict, path: str, strict_sections: tuple[str, ...]) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        where = f"{path}{key}"
-        if key not in base and path.rstrip(".") in strict_sections:
-            raise KeyError(f"unknown config key '{where}'; known keys in '{path.rstrip('.') or 'top level'}': "
-                           f"{sorted(base)}")
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            out[key] = _merge(base[key], value, f"{where}.", strict_sections)
-        else:
-            out[key] = _coerce(where, base.get(key), copy.deepcopy(value))
-    return out
+class ConfigError(InputError, ValueError):
+    """A configuration that cannot be used as written; the message names the key and what was expected."""
 
 
-def _coerce(where: str, default, value):
-    """Numbers stay numbers: YAML 1.1 reads ``2e-3`` as a string, so a numeric key accepts numeric strings."""
-    numeric_default = isinstance(default, (int, float)) and not isinstance(default, bool)
-    if numeric_default and isinstance(value, str):
-        try:
-            value = float(value) if isinstance(default, float) or any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            raise ValueError(f"config key '{where}' must be a number, got {value!r}") from None
-    if numeric_default and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError(f"config key '{where}' must be a number, got {value!r}")
-    return value
+class ConfigWarning(UserWarning):
+    """A configuration that runs, but probably not as intended."""
 
 
-STRICT_SECTIONS = ("", "train", "train.replay", "loss", "eval")
-
-
-def resolve(user: dict | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults ← user config ← ``key=value`` overrides (dotted keys, YAML values). Unknown keys raise."""
-    config = _merge(DEFAULTS, user or {}, "", STRICT_SECTIONS)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override must look like key=value (dotted keys allowed), got {item!r}")
-        dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
-        nested: dict = {}
-        cursor = nested
-        keys = dotted.strip().split(".")
-        for key in keys[:-1]:
-            cursor = cursor.setdefault(key, {})
-        cursor[keys[-1]] = value
-        config = _merge(config, nested, "", STRICT_SECTIONS)
-    return config
-
-
-def load_yaml(path: str | pathlib.Path) -> dict:
-    path = pathlib.Path(path)
+def load_yaml(path: str | pathlib.Path, what: str = "config file") -> dict:
+    """A YAML file holding a mapping (``{}`` when empty)."""
+    path = pathlib.Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with path.open() as handle:
-        data = yaml.safe_load(handle) or {}
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with path.open(encoding="utf-8-sig") as handle:
+            data = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable YAML file ({exc})".replace("\n", " ")) from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a {what} must be a YAML mapping of keys, got {type(data).__name__}")
     return data
+
+
+def _builtin(relative: str):
+    return importlib.resources.files("cbd_fast.configs").joinpath(relative)
 
 
 def builtin_config(name: str) -> dict:
     """A config shipped with the package (``configs/<name>.yaml``, installed as ``cbd_fast.configs``)."""
-    resource = importlib.resources.files("cbd_fast.configs").joinpath(f"{name}.yaml")
+    resource = _builtin(f"{name}.yaml")
     if not resource.is_file():
         raise FileNotFoundError(f"no built-in config named {name!r}")
-    return yaml.safe_load(resource.read_text()) or {}
+    return yaml.safe_load(resource.read_text(encoding="utf-8")) or {}
+
+
+def builtin_scenarios() -> list[str]:
+    """Names of the scenario files shipped in ``configs/scenarios/``."""
+    return sorted(entry.name[:-len(".yaml")] for entry in _builtin("scenarios").iterdir()
+                  if entry.name.endswith(".yaml"))
+
+
+def load_scenario(path: str | pathlib.Path) -> dict:
+    """A scenario file's mapping; a name of a shipped scenario (``synthetic5``) also works."""
+    file = pathlib.Path(path).expanduser()
+    if not file.is_file() and str(path).removesuffix(".yaml") in builtin_scenarios():
+        return builtin_config(f"scenarios/{str(path).removesuffix('.yaml')}")
+    if not file.is_file():
+        raise FileNotFoundError(f"scenario file not found: {file} (built-in scenarios: "
+                                f"{', '.join(builtin_scenarios())})")
+    return load_yaml(file, "scenario file")
+
+
+DEFAULTS: dict[str, Any] = builtin_config("default")
+# Sections whose keys are all listed in configs/default.yaml (model and data are checked by their own modules).
+STRICT_SECTIONS = ("", "train", "train.replay", "loss", "eval")
+# Keys that pick what the rest of a section means: naming another value starts the section afresh.
+_SECTION_KINDS = {"data": ("scenario",), "model": ("preset", "pretrained")}
+_SECTION_DEFAULT_KIND = {"data": {"scenario": "synthetic"}, "model": {}}
+
+
+def _unknown_key(where: str, key: str, known) -> ConfigError:
+    section = where.rpartition(".")[0]
+    close = difflib.get_close_matches(key, [str(k) for k in known], n=1)
+    hint = f" (did you mean '{section + '.' if section else ''}{close[0]}'?)" if close else ""
+    section = section or "the top level"
+    return ConfigError(f"unknown config key '{where}'{hint}; keys in {section}: {', '.join(map(str, known))}")
+
+
+def _restarts(section: str, base: dict, update: dict) -> bool:
+    defaults = _SECTION_DEFAULT_KIND[section]
+    return any(key in update and update[key] != base.get(key, defaults.get(key)) for key in _SECTION_KINDS[section])
+
+
+def _merge_kinded(section: str, base: Any, value: Any) -> dict:
+    """``data`` / ``model``: a scenario file is read; another scenario or architecture replaces the section."""
+    if section == "data" and isinstance(value, (str, pathlib.PurePath)):
+        return load_scenario(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{section}' must be a mapping of keys"
+                          + (" or a scenario file" if section == "data" else "") + f", got {value!r}")
+    if not isinstance(base, dict) or _restarts(section, base, value):
+        return copy.deepcopy(value)
+    return _merge(base, value, f"{section}.")
+
+
+def _merge(base: dict, update: dict, path: str) -> dict:
+    out = copy.deepcopy(base)
+    strict = path.rstrip(".") in STRICT_SECTIONS
+    for key, value in update.items():
+        where = f"{path}{key}"
+        if where in _SECTION_KINDS:
+            out[key] = _merge_kinded(where, base.get(key), value)
+        elif strict and key not in base:
+            raise _unknown_key(where, str(key), base)
+        elif isinstance(base.get(key), dict) and strict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}' is a section: give a mapping of its keys "
+                                  f"({', '.join(base[key])}), got {value!r}")
+            out[key] = _merge(base[key], value, f"{where}.")
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(base[key], value, f"{where}.")
+        else:
+            out[key] = _coerce(base.get(key), copy.deepcopy(value))
+    return out
+
+
+def _coerce(default: Any, value: Any) -> Any:
+    """Numbers stay numbers: YAML 1.1 reads ``2e-3`` as a string, so a numeric key accepts numeric strings."""
+    numeric_default = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if numeric_default and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return value  # left for validate() to reject, naming the key
+    return value
+
+
+def _override(item: str) -> dict:
+    """``a.b.c=value`` (value in YAML) as ``{"a": {"b": {"c": value}}}``."""
+    dotted, sep, raw = item.partition("=")
+    keys = dotted.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"override must look like key=value (dotted keys allowed, e.g. train.epochs=2), "
+                          f"got {item!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = {}
+    cursor = nested
+    for key in keys[:-1]:
+        cursor = cursor.setdefault(key, {})
+    cursor[keys[-1]] = value
+    return nested
+
+
+def resolve(user: dict | None = None, overrides: list[str] | None = None) -> dict:
+    """Defaults ← user config ← ``key=value`` overrides, checked by :func:`validate`.
+
+    Overrides apply in order of depth (``data=file.yaml`` before ``data.num_tasks=3``), then in the order given.
+    """
+    if user is not None and not isinstance(user, dict):
+        raise ConfigError(f"a config must be a mapping of keys, got {type(user).__name__}")
+    config = _merge(DEFAULTS, user or {}, "")
+    for item in sorted(overrides or [], key=lambda text: text.partition("=")[0].count(".")):
+        config = _merge(config, _override(item), "")
+    validate(config)
+    return config
+
+
+# --------------------------------------------------------------------------------------------- validation
+Rule = Callable[[Any], "str | None"]  # value -> what was expected (None when the value is fine)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(minimum: int) -> Rule:
+    return lambda v: None if _is_int(v) and v >= minimum else f"an integer ≥ {minimum}"
+
+
+def _number(minimum: float = 0.0, positive: bool = False) -> Rule:
+    def rule(value):
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (value > minimum if positive else value >= minimum))
+        return None if ok else f"a finite number {'>' if positive else '≥'} {minimum:g}"
+    return rule
+
+
+def _choice(*options: Any) -> Rule:
+    shown = ", ".join(str(o).lower() if isinstance(o, bool) else str(o) for o in options)
+    return lambda v: None if any(v == o and type(v) is type(o) for o in options) else f"one of {shown}"
+
+
+def _text(value: Any) -> str | None:
+    return None if isinstance(value, str) and value.strip() else "a non-empty string"
+
+
+def _threads(value: Any) -> str | None:
+    return None if value == "auto" or (_is_int(value) and value >= 1) else "auto or an integer ≥ 1"
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+RULES: dict[str, Rule] = {
+    "name": _text,
+    "seed": _integer(0),
+    "device": lambda v: None if isinstance(v, str) and _DEVICE.fullmatch(v) else "auto, cpu, cuda or cuda:N",
+    "threads": _threads,
+    "output_dir": _text,
+    "train.epochs": _integer(1),
+    "train.batch_size": _integer(1),
+    "train.lr": _number(),
+    "train.weight_decay": _number(),
+    "train.warmup_steps": _integer(0),
+    "train.grad_clip": _number(),  # 0: no clipping
+    "train.bf16": _choice("auto", True, False),
+    "train.prompt_query": _choice("old_model", "prompt_free"),
+    "train.replay.strategy": _choice("reservoir", "per_task", "none"),
+    "train.replay.size": _integer(0),
+    "train.replay.batch_size": _integer(0),
+    "loss.method": _choice("cbd", "finetune"),
+    "loss.sample": _number(),
+    "loss.sample_temperature": _number(positive=True),
+    "loss.token": _number(),
+    "loss.token_kind": _choice("mse", "kl"),
+    "loss.token_temperature": _number(positive=True),
+    "loss.banzhaf": _number(),
+    "loss.banzhaf_source": _choice("estimator", "module"),
+    "loss.banzhaf_samples": _integer(1),
+    "loss.banzhaf_estimator": _choice("paired", "msr", "exact"),
+    "loss.banzhaf_temperature": _number(positive=True),
+    "loss.module_hidden": _integer(1),
+    "loss.prompt": _number(),
+    "eval.batch_size": _integer(1),
+    "eval.prompt_selection": _choice("key", "task_id"),
+    "eval.plot_metric": _text,
+}
+
+
+def leaf_keys(config: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted key → value for every leaf of a nested mapping."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(leaf_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def validate(config: dict, warn: bool = True) -> None:
+    """Check every key of the run sections; raise one :class:`ConfigError` listing every problem. With ``warn``,
+    settings that run but defeat their purpose give a :class:`ConfigWarning`."""
+    problems = []
+    values = leaf_keys({k: v for k, v in config.items() if k not in _SECTION_KINDS})
+    for key, rule in RULES.items():
+        expected = rule(values.get(key))
+        if expected is not None:
+            problems.append(f"config key '{key}' must be {expected}, got {values.get(key)!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    train = config["train"]
+    if warn and train["batch_size"] == 1 and (train["replay"]["strategy"] == "none" or train["replay"]["batch_size"] == 0):
+        warnings.warn("train.batch_size=1: a batch of one pair has nothing to contrast with, so the contrastive "
+                      "loss is identically 0 and the model learns only from the other terms", ConfigWarning,
+                      stacklevel=3)
+
+
+def dump(config: dict) -> str:
+    """The config as YAML, keys in their order."""
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+
+# ------------------------------------------------------------------------------------------- run identity
+# Keys that may change when a run is resumed: where its outputs go and what it runs on. (A different device or
+# thread count gives results that are not bit-identical to an uninterrupted run; the trainer warns.)
+RESUMABLE_KEYS = ("name", "output_dir", "device", "threads")
+
+
+def _run_defining(config: dict) -> dict[str, Any]:
+    return {key: value for key, value in leaf_keys(config).items() if key not in RESUMABLE_KEYS}
+
+
+def fingerprint(config: dict) -> str:
+    """SHA-256 of every key that defines what a run computes (all but :data:`RESUMABLE_KEYS`)."""
+    return hashlib.sha256(json.dumps(_run_defining(config), sort_keys=True).encode()).hexdigest()
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every run-defining key whose value differs (``absent`` for a missing key)."""
+    before, after = _run_defining(old), _run_defining(new)
+    missing = object()
+    out = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key, missing), after.get(key, missing)
+        if a != b or type(a) is not type(b):
+            out.append(f"{key}: {'absent' if a is missing else json.dumps(a)} -> "
+                       f"{'absent' if b is missing else json.dumps(b)}")
+    return out

@@ -1,18 +1,12 @@
-"""Scenario configuration: key checking with readable errors, and YAML loading."""
+"""Scenario configuration: key checking with readable errors (files are read by :mod:`cbd_fast.config`)."""
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..config import ConfigError, load_scenario  # noqa: F401  (one error class and one reader for every config)
 from .images import Augment
-
-
-class ConfigError(ValueError):
-    """A scenario configuration that cannot be used as written (unknown key, bad value, wrong type)."""
 
 
 def check_keys(cfg: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
@@ -104,15 +98,3 @@ def get_augment(cfg: Mapping[str, Any], default: Augment | None, where: str) -> 
         return Augment(**options)
     except ValueError as exc:
         raise ConfigError(f"{where}: augment: {exc}") from None
-
-
-def load_scenario(path: str | Path) -> dict:
-    """Read a scenario YAML file (``configs/scenarios/*.yaml``) into the ``data_cfg`` dict of :func:`build_tasks`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"scenario file not found: {path}")
-    with path.open() as handle:
-        cfg = yaml.safe_load(handle)
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys, got {type(cfg).__name__}")
-    return cfg
