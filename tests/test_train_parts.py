@@ -1,8 +1,13 @@
 """Pieces of the training stack that stand alone: metrics, summaries, losses, replay, checkpoints, config."""
+import errno
 import math
+import os
+import re
+import stat
 
 import pytest
 import torch
+import yaml
 
 from cbd_fast import config as config_lib
 from cbd_fast.eval.metrics import continual_summary, retrieval_metrics
@@ -125,15 +130,146 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary left behind
 
 
+def test_checkpoint_checksum_and_foreign_files(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"step": 1, "w": torch.arange(1000.0)}, path)
+    data = bytearray(path.read_bytes())
+    problems = {}
+    for name, content in {"empty": b"", "random": bytes(range(256)) * 40, "plain torch.save": None,
+                          "one flipped byte": bytes(data[:-500]) + bytes([data[-500] ^ 1]) + bytes(data[-499:]),
+                          "truncated": bytes(data[:len(data) // 2])}.items():
+        bad = tmp_path / f"{name}.pt"
+        if content is None:
+            torch.save({"step": 1}, bad)
+        else:
+            bad.write_bytes(content)
+        with pytest.raises(checkpoint.CheckpointError) as info:
+            checkpoint.load(bad)
+        message = str(info.value)
+        assert str(bad) in message and "weights_only" not in message, message
+        problems[name] = message
+    for name in ("empty", "random", "plain torch.save"):
+        assert "is not a cbd_fast checkpoint" in problems[name]
+    for name in ("one flipped byte", "truncated"):
+        assert "damaged" in problems[name] and "checksum" in problems[name]
+
+
+def test_checkpoint_with_a_valid_checksum_still_runs_no_code(tmp_path):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"payload": RunsCode()}, path)  # torch.save pickles anything; reading must not
+    with pytest.raises(checkpoint.CheckpointError, match="posix.system|os.system") as info:
+        checkpoint.load(path)
+    assert "weights_only" not in str(info.value) and not (tmp_path / "ran").exists()
+
+
+def test_checkpoint_write_errors_leftovers_and_permissions(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "last.pt"
+    checkpoint.save_atomic({"step": 1}, path)
+    stale = path.parent / ".last.pt.k1ll3d.tmp"  # left by a write that was killed
+    stale.write_bytes(b"partial")
+    old_umask = os.umask(0o022)
+    try:
+        checkpoint.save_atomic({"step": 2}, path)
+    finally:
+        os.umask(old_umask)
+    assert not stale.exists() and sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # readable by the group, like any new file
+
+    def disk_full(obj, stream):
+        stream.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"ENOSPC.*" + re.escape(str(path))) as info:
+        checkpoint.save_atomic({"step": 3}, path)
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert checkpoint.load(path)["step"] == 2 and sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+
+# ------------------------------------------------------------------------------------------------- config
 def test_config_overrides_and_unknown_keys():
     cfg = config_lib.resolve({"loss": {"method": "finetune"}}, ["train.epochs=2", "loss.banzhaf=0.5"])
     assert cfg["loss"]["method"] == "finetune" and cfg["train"]["epochs"] == 2 and cfg["loss"]["banzhaf"] == 0.5
     assert cfg["train"]["batch_size"] == config_lib.DEFAULTS["train"]["batch_size"]
-    with pytest.raises(KeyError, match="loss.banzaf"):
+    with pytest.raises(config_lib.ConfigError, match="loss.banzaf.*did you mean 'loss.banzhaf'"):
         config_lib.resolve({}, ["loss.banzaf=1"])
     assert config_lib.resolve({}, ["train.lr=2e-3"])["train"]["lr"] == pytest.approx(2e-3)  # YAML 1.1 string
-    with pytest.raises(ValueError, match="train.epochs' must be a number"):
+    with pytest.raises(config_lib.ConfigError, match="'train.epochs' must be an integer ≥ 1, got 'many'"):
         config_lib.resolve({}, ["train.epochs=many"])
-    with pytest.raises(ValueError, match="key=value"):
+    with pytest.raises(config_lib.ConfigError, match="key=value"):
         config_lib.resolve({}, ["train.epochs"])
-    assert config_lib.builtin_config("default")["data"]["scenario"] == "synthetic"
+    with pytest.raises(config_lib.ConfigError, match="'train' is a section"):
+        config_lib.resolve({"train": 3})
+
+
+def test_defaults_are_those_of_default_yaml():
+    # one source of defaults: a user's config file is merged over configs/default.yaml
+    assert config_lib.DEFAULTS == config_lib.builtin_config("default")
+    cfg = config_lib.resolve({"train": {"epochs": 2}})
+    assert cfg["train"]["lr"] == 2.0e-3 and cfg["train"]["replay"]["strategy"] == "none" and cfg["threads"] == 1
+    # every key of the run sections has a rule, and every rule a default
+    strict = {k: v for k, v in config_lib.DEFAULTS.items() if k not in ("model", "data")}
+    assert set(config_lib.leaf_keys(strict)) == set(config_lib.RULES)
+    config_lib.validate(config_lib.DEFAULTS)
+
+
+def test_scenario_file_and_data_overrides_merge(tmp_path):
+    scenario = tmp_path / "scenario.yaml"
+    content = {"scenario": "synthetic", "num_tasks": 5, "train_per_class": 6, "test_per_class": 4}
+    scenario.write_text(yaml.safe_dump(content))
+    for overrides in ([f"data={scenario}", "data.num_tasks=2"], ["data.num_tasks=2", f"data={scenario}"]):
+        assert config_lib.resolve(None, overrides)["data"] == dict(content, num_tasks=2)
+    from_config = config_lib.resolve({"data": str(scenario)}, ["data.test_per_class=2"])
+    assert from_config["data"] == dict(content, test_per_class=2)
+    # another scenario kind, or another architecture, starts its section afresh
+    assert config_lib.resolve(None, ["data.scenario=csv", "data.path=x.csv"])["data"] == \
+        {"scenario": "csv", "path": "x.csv"}
+    assert config_lib.resolve({"model": {"pretrained": "ViT-B-32.pt"}})["model"] == {"pretrained": "ViT-B-32.pt"}
+    assert config_lib.resolve(None, ["model.prompts.length=2"])["model"] == {"preset": "tiny", "prompts": {"length": 2}}
+    assert config_lib.resolve(None, ["data=synthetic5"])["data"]["num_tasks"] == 5  # a shipped scenario by name
+    with pytest.raises(FileNotFoundError, match="scenario file not found.*synthetic3"):
+        config_lib.resolve(None, [f"data={tmp_path / 'missing.yaml'}"])
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train.epochs=0", "train.epochs", "an integer ≥ 1"),
+    ("train.epochs=-3", "train.epochs", "an integer ≥ 1"),
+    ("train.epochs=2.5", "train.epochs", "an integer ≥ 1"),
+    ("train.batch_size=0", "train.batch_size", "an integer ≥ 1"),
+    ("eval.batch_size=0", "eval.batch_size", "an integer ≥ 1"),
+    ("train.lr=-1e-3", "train.lr", "a finite number ≥ 0"),
+    ("train.lr=nan", "train.lr", "a finite number ≥ 0"),
+    ("train.lr=.inf", "train.lr", "a finite number ≥ 0"),
+    ("loss.sample_temperature=0", "loss.sample_temperature", "a finite number > 0"),
+    ("loss.token_temperature=-1", "loss.token_temperature", "a finite number > 0"),
+    ("loss.banzhaf_temperature=0", "loss.banzhaf_temperature", "a finite number > 0"),
+    ("loss.banzhaf=nan", "loss.banzhaf", "a finite number ≥ 0"),
+    ("loss.banzhaf_samples=0", "loss.banzhaf_samples", "an integer ≥ 1"),
+    ("loss.method=distill", "loss.method", "one of cbd, finetune"),
+    ("train.bf16=yes please", "train.bf16", "one of auto, true, false"),
+    ("threads=0", "threads", "auto or an integer ≥ 1"),
+    ("device=gpu", "device", "auto, cpu, cuda or cuda:N"),
+    ("seed=-1", "seed", "an integer ≥ 0"),
+])
+def test_config_ranges_are_checked_naming_the_key(override, key, expected):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(f"config key '{key}' must be {expected}")):
+        config_lib.resolve(None, [override])
+
+
+def test_batch_size_one_warns():
+    with pytest.warns(config_lib.ConfigWarning, match="contrastive loss is identically 0"):
+        config_lib.resolve(None, ["train.batch_size=1"])
+
+
+def test_run_fingerprint_and_differences():
+    base = config_lib.resolve(None)
+    moved = config_lib.resolve(None, ["name=elsewhere", "output_dir=/tmp/x", "device=cpu", "threads=2"])
+    assert config_lib.fingerprint(base) == config_lib.fingerprint(moved) and not config_lib.differences(base, moved)
+    changed = config_lib.resolve(None, ["train.lr=0.01", "data.num_tasks=5"])
+    assert config_lib.fingerprint(base) != config_lib.fingerprint(changed)
+    assert config_lib.differences(base, changed) == ["data.num_tasks: 3 -> 5", "train.lr: 0.002 -> 0.01"]
