@@ -1,13 +1,18 @@
-"""End to end: cbd-train on a minutes-sized scenario with every loss on; outputs, metric ranges, exact resume."""
+"""End to end: cbd-train on a minutes-sized scenario with every loss on; outputs, metric ranges, exact resume,
+the run-folder policy, resume checks, and a run stopped by a non-finite loss."""
 import csv
 import json
+import os
+import stat
 
 import pytest
+import torch
 import yaml
 
 import cbd_fast
 from cbd_fast.cli import eval_main, train_main
 from cbd_fast.eval.compare import compare
+from cbd_fast.train import checkpoint, loop
 
 pytestmark = pytest.mark.skipif(not cbd_fast.has_extension(), reason="training uses the compiled ops")
 
@@ -34,13 +39,27 @@ def _metrics(tmp_path, name):
 
 
 def test_train_outputs_and_exact_resume(tmp_path, capsys):
-    assert _run(tmp_path, "full") == 0
+    old_umask = os.umask(0o022)
+    try:
+        assert _run(tmp_path, "full") == 0
+    finally:
+        os.umask(old_umask)
     printed = capsys.readouterr().out
     assert "forgetting" in printed and "average" in printed
     run = tmp_path / "runs" / "full"
     for name in ("config.yaml", "metrics.json", "metrics.csv", "accuracy_matrix.png", "task_curves.png",
                  "checkpoints/last.pt"):
         assert (run / name).is_file(), name
+    for name in ("config.yaml", "checkpoints/last.pt"):  # readable by the group, not 0600
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["device"] == "cpu" and recorded["data"] == TINY["data"]
+
+    # a second run into the same folder is refused: the finished run stays as it was
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    assert _run(tmp_path, "full") == 2
+    assert "already holds a run, finished (2/2 tasks trained); --resume" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
     document = _metrics(tmp_path, "full")
     assert document["tasks_trained"] == 2
     matrix = document["accuracy_matrices"]["mean_R@1"]
@@ -58,9 +77,23 @@ def test_train_outputs_and_exact_resume(tmp_path, capsys):
     # interrupted after 3 of 4 epochs (mid task 2), then resumed: the same metrics as the uninterrupted run
     assert _run(tmp_path, "interrupted", ["--stop-after-epochs", "3"]) == 0
     assert _metrics(tmp_path, "interrupted")["tasks_trained"] == 1
+    capsys.readouterr()
+    # under another config the run cannot be resumed: the message lists what differs
+    assert _run(tmp_path, "interrupted", ["--resume", "train.lr=0.01", "data.num_tasks=3"]) == 2
+    error = capsys.readouterr().err
+    assert "another config" in error and "data.num_tasks: 2 -> 3; train.lr: 0.002 -> 0.01" in error
+    stale = tmp_path / "runs" / "interrupted" / "checkpoints" / ".last.pt.k1ll3d.tmp"  # from a killed write
+    stale.write_bytes(b"partial")
     assert _run(tmp_path, "interrupted", ["--resume"]) == 0
+    assert not stale.exists()
     resumed = _metrics(tmp_path, "interrupted")
     assert resumed["accuracy_matrices"] == document["accuracy_matrices"]
+    # resuming a finished run says so, and trains nothing
+    capsys.readouterr()
+    assert _run(tmp_path, "interrupted", ["--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "the run is finished (all 2 tasks trained); nothing to resume" in captured.err
+    assert "forgetting" in captured.out and _metrics(tmp_path, "interrupted") == resumed
 
     # the comparison table groups runs by name and reads their summaries
     table = compare([run, tmp_path / "runs" / "interrupted"])
@@ -85,3 +118,42 @@ def test_other_methods_run(tmp_path, overrides):
     config = dict(TINY, train=dict(TINY["train"], epochs=1), loss=dict(TINY["loss"], **overrides))
     assert _run(tmp_path, "variant", config=config) == 0
     assert _metrics(tmp_path, "variant")["tasks_trained"] == 2
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    real = loop.sample_distillation_loss
+
+    def diverging(*args, **kwargs):  # the distillation term of task 2 becomes NaN
+        return real(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(loop, "sample_distillation_loss", diverging)
+    config = dict(TINY, train=dict(TINY["train"], epochs=1))
+    assert _run(tmp_path, "nan", config=config) == 1
+    error = capsys.readouterr().err
+    path = tmp_path / "runs" / "nan" / "checkpoints" / "last.pt"
+    assert "non-finite loss at task 2/2, epoch 1/1, step 1/" in error and "sample=nan" in error
+    assert "contrastive=" in error.split("finite:")[1]  # the finite terms are shown as such
+    assert f"the last checkpoint, {path} (saved after task 1/2, epoch 1/1), is intact" in error
+    state = checkpoint.load(path)
+    assert (state["next_task"], state["next_epoch"]) == (1, 0)
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+
+
+def test_run_folder_policy(tmp_path, capsys):
+    foreign = tmp_path / "runs" / "foreign"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    assert _run(tmp_path, "foreign") == 2 and _run(tmp_path, "foreign", ["--overwrite"]) == 2
+    assert "holds no cbd-train run" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit) as info:  # argparse: not allowed together
+        _run(tmp_path, "x", ["--resume", "--overwrite"])
+    assert info.value.code == 2
+
+    old = tmp_path / "runs" / "old"  # a run folder: refused without a flag, replaced with --overwrite
+    old.mkdir()
+    (old / "config.yaml").write_text("name: old\n")
+    (old / "leftover.png").write_text("from the old run")
+    assert _run(tmp_path, "old") == 2
+    assert "already holds a run, unfinished (no task finished)" in capsys.readouterr().err
+    assert _run(tmp_path, "old", ["--overwrite", "--stop-after-epochs", "1"]) == 0
+    assert not (old / "leftover.png").exists() and yaml.safe_load((old / "config.yaml").read_text())["seed"] == 3

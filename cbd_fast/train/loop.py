@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
+from .. import config as config_lib
+from .._files import remove_stale_temporaries, write_text_atomic
+from ..config import ConfigError
 from ..data import Task, build_tasks, load_scenario
+from ..errors import RunFailed
 from ..eval.evaluate import evaluate_task
 from ..eval.metrics import continual_summary
 from ..eval.report import write_reports
@@ -47,10 +50,19 @@ def derived_seed(*parts: int) -> int:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but no CUDA device is visible")
+        raise ConfigError(f"device={name!r} but no CUDA device is visible to torch; use device=cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
+
+
+class NonFiniteError(RunFailed, RuntimeError):
+    """Training produced a non-finite loss, gradient or parameter; the run stopped before saving it."""
 
 
 @dataclass
@@ -63,22 +75,25 @@ class Trainer:
     """Runs a resolved config (see :mod:`cbd_fast.config`) and writes everything under ``output_dir/name``."""
 
     def __init__(self, config: dict[str, Any], *, show_progress: bool = True, stop_after_epochs: int | None = None):
+        config_lib.validate(config, warn=False)  # cbd-train resolved (and warned about) it already
         self.config = config
         self.run_dir = pathlib.Path(config["output_dir"]) / config["name"]
+        self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
         self.device = resolve_device(config["device"])
+        if config["threads"] != "auto":
+            torch.set_num_threads(config["threads"])
+        self.threads = torch.get_num_threads()
         self.show_progress = show_progress
         self.stop_after_epochs = stop_after_epochs  # for tests: simulate an interruption after N epochs
         self.train_cfg, self.loss_cfg = config["train"], config["loss"]
-        if self.loss_cfg["method"] not in ("cbd", "finetune"):
-            raise ValueError(f"loss.method must be 'cbd' or 'finetune', got {self.loss_cfg['method']!r}")
-        if self.loss_cfg["banzhaf_source"] not in ("estimator", "module"):
-            raise ValueError("loss.banzhaf_source must be 'estimator' or 'module', got "
-                             f"{self.loss_cfg['banzhaf_source']!r}")
         torch.manual_seed(config["seed"])
-        self.model = create_model(config["model"]).to(self.device)
+        try:
+            self.model = create_model(config["model"]).to(self.device)
+        except ValueError as exc:  # the model config's own checks (keys, sizes, checkpoint fit)
+            raise ConfigError(f"model: {exc}") from exc
         self.image_size = self.model.image_size
         data_cfg = config["data"]
-        if isinstance(data_cfg, str):  # a scenario file, e.g. configs/scenarios/pascal_sentence.yaml
+        if isinstance(data_cfg, str):  # a scenario file (configs written before scenarios were inlined)
             data_cfg = load_scenario(data_cfg)
         self.tasks: list[Task] = build_tasks(data_cfg, self.image_size, config["seed"])
         self.predictor = InteractionPredictor(self.loss_cfg["module_hidden"]).to(self.device) \
@@ -93,6 +108,22 @@ class Trainer:
         self.epoch_seconds: list[float] = []
         self.loss_history: list[dict[str, float]] = []  # mean of every loss term per epoch
         self.optimizer = self.scheduler = None
+        self.saved_at: str | None = None  # where the last checkpoint written or read stands, e.g. "task 1/3, ..."
+
+    @property
+    def finished(self) -> bool:
+        """True when every task has been trained (and evaluated)."""
+        return self.next_task >= len(self.tasks)
+
+    def position(self, task_index: int, epoch: int) -> str:
+        """``task 2/3, epoch 5/60``: a training position in the log's 1-based numbering."""
+        return f"task {task_index + 1}/{len(self.tasks)}, epoch {epoch + 1}/{self.train_cfg['epochs']}"
+
+    def _last_epoch_done(self) -> str:
+        """:meth:`position` of the epoch before (``next_task``, ``next_epoch``)."""
+        if self.next_epoch:
+            return self.position(self.next_task, self.next_epoch - 1)
+        return self.position(self.next_task - 1, self.train_cfg["epochs"] - 1)
 
     # --- set-up per task -------------------------------------------------------------------------------------------
 
@@ -172,7 +203,7 @@ class Trainer:
         parts = {"contrastive": total.item()}
         if cfg["prompt"]:
             total = total - cfg["prompt"] * pull
-            parts["prompt_pull"] = pull.item()
+            parts["prompt_key_cos"] = pull.item()  # a similarity to raise, not a loss: enters as −λ_p·cos
         if self.old_model is None or cfg["method"] == "finetune":
             return LossTerms(total, parts)
         with torch.no_grad():
@@ -216,22 +247,39 @@ class Trainer:
 
     # --- training ------------------------------------------------------------------------------------------------
 
-    def _step(self, batch, task_index: int, step_seed: int) -> LossTerms:
+    def _step(self, batch, task_index: int, step_seed: int, where: str = "a training step") -> LossTerms:
+        """One optimizer step; raises :class:`NonFiniteError` (before any parameter changes) on a non-finite
+        loss term or gradient."""
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             terms = self._losses(batch, task_index, step_seed)
+        values = {"loss": terms.total.item(), **terms.parts}
+        if not all(math.isfinite(value) for value in values.values()):
+            bad = ", ".join(f"{name}={value}" for name, value in values.items() if not math.isfinite(value))
+            good = ", ".join(f"{name}={value:.4g}" for name, value in values.items() if math.isfinite(value))
+            raise self._diverged(f"non-finite loss at {where}: {bad}" + (f" (finite: {good})" if good else ""))
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
-        if self.train_cfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(self._parameters(), self.train_cfg["grad_clip"])
+        # clipping at +inf (grad_clip 0) scales by exactly 1: the norm is needed for the check either way
+        norm = torch.nn.utils.clip_grad_norm_(self._parameters(), self.train_cfg["grad_clip"] or math.inf)
+        if not math.isfinite(norm.item()):
+            raise self._diverged(f"non-finite gradient at {where}: gradient norm {norm.item()} (loss "
+                                 f"{values['loss']:.4g})")
         self.optimizer.step()
         self.scheduler.step()
         return terms
 
+    def _diverged(self, what: str) -> NonFiniteError:
+        kept = (f"the last checkpoint, {self.checkpoint_path} (saved after {self.saved_at}), is intact"
+                if self.saved_at else "no checkpoint had been written yet")
+        return NonFiniteError(f"{what}. Training stopped; {kept}. Lower train.lr or raise the loss temperatures "
+                              f"and start again (or continue from the checkpoint with --resume)")
+
     def run(self) -> dict[str, Any]:
         """Train every remaining task, evaluating after each; returns the metrics document."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+        # the config as run: the scenario's content (resolve() inlines scenario files) and the device in use
+        write_text_atomic(self.run_dir / "config.yaml", config_lib.dump(dict(self.config, device=str(self.device))))
         epochs = self.train_cfg["epochs"]
         epochs_done_now = 0
         task_bar = tqdm(range(self.next_task, len(self.tasks)), desc="tasks", disable=not self.show_progress,
@@ -242,21 +290,21 @@ class Trainer:
                 self._start_task(task_index)
             for epoch in range(self.next_epoch, epochs):
                 started = time.perf_counter()
-                bar = tqdm(self._batches(task_index, epoch), total=self._steps_per_epoch(task_index),
-                           desc=f"task {task_index + 1}/{len(self.tasks)} epoch {epoch + 1}/{epochs}",
-                           leave=False, disable=not self.show_progress, position=1)
+                steps = self._steps_per_epoch(task_index)
+                bar = tqdm(self._batches(task_index, epoch), total=steps, desc=progress_label(task_index, len(
+                    self.tasks), epoch, epochs), leave=False, disable=not self.show_progress, position=1)
                 sums: dict[str, float] = {}
                 for step, batch in bar:
                     seed = derived_seed(self.config["seed"], task_index, epoch, step, 2)
-                    terms = self._step(batch, task_index, seed)
+                    terms = self._step(batch, task_index, seed,
+                                       f"{self.position(task_index, epoch)}, step {step + 1}/{steps}")
                     for name, value in (("loss", terms.total.item()), *terms.parts.items()):
                         sums[name] = sums.get(name, 0.0) + value
-                    bar.set_postfix(loss=f"{terms.total.item():.3f}", **{k: f"{v:.3f}" for k, v in
-                                                                          list(terms.parts.items())[:3]})
+                    bar.set_postfix_str(progress_postfix(terms.total.item()), refresh=False)
                 self.epoch_seconds.append(time.perf_counter() - started)
                 means = {name: total / (step + 1) for name, total in sums.items()}
                 self.loss_history.append({"task": task_index, "epoch": epoch, **means})
-                log.info("task %d epoch %d/%d  %s  (%.1f s)", task_index + 1, epoch + 1, epochs,
+                log.info("%s  %s  (%.1f s)", progress_label(task_index, len(self.tasks), epoch, epochs),
                          "  ".join(f"{k}={v:.4f}" for k, v in means.items()), self.epoch_seconds[-1])
                 self.next_task, self.next_epoch = task_index, epoch + 1
                 if epoch + 1 == epochs:
@@ -289,13 +337,20 @@ class Trainer:
         summaries = {m: continual_summary([row[:i + 1] for i, row in enumerate(matrix)])
                      for m, matrix in matrices.items()}
         return {"name": self.config["name"], "tasks": names, "tasks_trained": len(self.results),
+                "threads": self.threads,
                 "accuracy_matrices": matrices, "summary": summaries,
                 "per_task_results": [{"after_task": i, "results": row} for i, row in enumerate(self.results)],
                 "seconds_per_epoch": self.epoch_seconds, "loss_history": self.loss_history}
 
     def _save(self) -> None:
+        position = self._last_epoch_done()
+        broken = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            raise self._diverged(f"non-finite parameters after {position}: {', '.join(broken[:3])}"
+                                 + (f" and {len(broken) - 3} more" if len(broken) > 3 else ""))
         state = {
             "config": json.dumps(self.config),
+            "fingerprint": config_lib.fingerprint(self.config),
             "model": self.model.state_dict(),
             "old_model": self.old_model.state_dict() if self.old_model is not None else None,
             "predictor": self.predictor.state_dict() if self.predictor is not None else None,
@@ -306,14 +361,21 @@ class Trainer:
             "results": json.dumps(self.results), "epoch_seconds": self.epoch_seconds,
             "loss_history": json.dumps(self.loss_history),
         }
-        checkpoint.save_atomic(state, self.run_dir / "checkpoints" / "last.pt")
+        checkpoint.save_atomic(state, self.checkpoint_path)
+        self.saved_at = position
 
     def resume(self, path: str | pathlib.Path | None = None) -> bool:
-        """Restore from ``path`` (default: this run's last checkpoint). Returns False when there is none."""
-        path = pathlib.Path(path) if path else self.run_dir / "checkpoints" / "last.pt"
+        """Restore from ``path`` (default: this run's last checkpoint). Returns False when there is none.
+
+        The checkpoint must come from a run of the same config (:func:`cbd_fast.config.differences`), else
+        :class:`~cbd_fast.config.ConfigError` lists the keys that differ.
+        """
+        path = pathlib.Path(path) if path else self.checkpoint_path
+        remove_stale_temporaries(path)  # left by a write that was killed
         if not path.is_file():
             return False
         state = checkpoint.load(path)
+        self._check_same_run(state, path)
         self.model.load_state_dict(state["model"])
         if state["old_model"] is not None:
             self.old_model = copy.deepcopy(self.model)
@@ -331,4 +393,30 @@ class Trainer:
             self._start_task(self.next_task)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+        self.saved_at = self._last_epoch_done()
         return True
+
+    def _check_same_run(self, state: dict[str, Any], path: pathlib.Path) -> None:
+        stored = json.loads(state["config"])
+        differences = [] if state.get("fingerprint") == config_lib.fingerprint(self.config) else \
+            config_lib.differences(stored, self.config)
+        if differences:
+            raise ConfigError(f"{path} belongs to a run with another config, which --resume cannot continue; "
+                              f"differences (checkpoint -> now): {'; '.join(differences)}. Resume with the "
+                              f"run's own config ({self.run_dir / 'config.yaml'}) or start a new run "
+                              f"(--name, or --overwrite)")
+        for key in ("device", "threads"):
+            if stored.get(key) != self.config[key]:
+                log.warning("resuming with %s=%s where the run had %s=%s: the results will not be bit-identical "
+                            "to an uninterrupted run", key, self.config[key], key, stored.get(key))
+
+
+def progress_label(task_index: int, num_tasks: int, epoch: int, epochs: int) -> str:
+    """The progress bar's description: ``task 2/3 epoch 5/60``."""
+    return f"task {task_index + 1}/{num_tasks} epoch {epoch + 1}/{epochs}"
+
+
+def progress_postfix(loss: float) -> str:
+    """The progress bar's postfix: the step's total loss only (every term is in the per-epoch log line), so
+    that the bar keeps its width at 120 columns."""
+    return f"loss={loss:.3f}"
