@@ -1,23 +1,69 @@
-"""Console entry points: ``cbd-train`` and ``cbd-eval``."""
+"""Console entry points: ``cbd-train`` and ``cbd-eval``.
+
+torch is imported only once the command line has been parsed and the config resolved: ``--help`` and
+``--print-config`` answer at once, and the OpenMP wait policy can still be chosen before torch loads its OpenMP
+runtime. Errors in what the user gave print one line and exit with status 2, a run that stops (non-finite loss,
+full disk) prints its reason and exits with 1; ``--debug`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import pathlib
+import shutil
 import sys
+import warnings
+from typing import Callable
+
+from .errors import InputError, RunFailed
+
+EXIT_INPUT_ERROR = 2
+EXIT_RUN_FAILED = 1
+# errors of the file system the run writes to: reported by their message, not as bugs
+_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class RunFolderError(InputError):
+    """The run folder holds something that this command must not overwrite."""
 
 
 def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cbd-train",
         description="Continual image-text retrieval with Coalition Banzhaf Distillation. With no arguments it "
-                    "trains the embedded default scenario (3 synthetic tasks) with full CBD.")
-    parser.add_argument("--config", help="YAML config (defaults to the built-in configs/default.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.method=finetune")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
-    parser.add_argument("--name", help="run name: outputs go to <output_dir>/<name>")
-    parser.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+                    "trains the embedded default run (configs/default.yaml: 3 synthetic tasks, full CBD).",
+        epilog="Config keys: `cbd-train --print-config` lists them all with their values. Outputs go to "
+               "<output_dir>/<name> (runs/default); an existing run there is never overwritten silently.")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides anywhere on the line, e.g. loss.method=finetune train.epochs=2 "
+                             "data=configs/scenarios/pascal_sentence.yaml data.root=/data/pascal")
+    parser.add_argument("--config", help="YAML config merged over the defaults (configs/default.yaml)")
+    parser.add_argument("--name", help="run name: outputs go to <output_dir>/<name> (same as name=...)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as device=...)")
+    parser.add_argument("--threads", help="CPU threads: an integer or auto, one per core (same as threads=...)")
+    folder = parser.add_mutually_exclusive_group()
+    folder.add_argument("--resume", action="store_true",
+                        help="continue the run in the run folder from its last checkpoint (same config only)")
+    folder.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in the run folder and start again")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults, --config, overrides) and exit")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars, one log line per epoch (the default when stderr is not a terminal)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)  # simulates an interruption
+    return parser
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cbd-eval", description="Evaluate a checkpoint on its scenario's tasks.")
+    parser.add_argument("checkpoint", help="path to a checkpoint written by cbd-train (checkpoints/last.pt)")
+    parser.add_argument("--prompt-selection", choices=("key", "task_id"), default=None,
+                        help="key matching per sample (default) or the oracle task id")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -34,31 +80,115 @@ def _configure_logging() -> None:
         logger.propagate = False
 
 
-def train_main(argv: list[str] | None = None) -> int:
+def prefer_passive_omp_wait() -> None:
+    """Let idle OpenMP threads sleep rather than spin, unless the user chose (``OMP_WAIT_POLICY``).
+
+    libgomp reads the policy once, when torch loads it, so this must run before torch is imported. Spinning
+    threads keep their cores busy between parallel regions; on a machine with other load they take the cores
+    the work needs (README, "Threads").
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+def _report_errors(prog: str, debug: bool, command: Callable[[], int]) -> int:
+    """Run ``command``; errors in the user's input or a failed run print one message instead of a traceback."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return command()
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except (InputError, FileNotFoundError, NotADirectoryError) as exc:
+            if debug:
+                raise
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return EXIT_INPUT_ERROR
+        except (RunFailed, OSError) as exc:
+            if debug or (not isinstance(exc, RunFailed) and exc.errno not in _OS_ERRORS):
+                raise
+            message = str(exc) if isinstance(exc, RunFailed) or not exc.filename else \
+                f"{exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)}): {exc.filename}"
+            print(f"{prog}: error: {message}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+
+
+def _run_state(run_dir: pathlib.Path) -> str:
+    """``finished (3/3 tasks trained)`` or ``unfinished (...)``, from the run's metrics.json."""
+    try:
+        document = json.loads((run_dir / "metrics.json").read_text())
+        trained, total = int(document["tasks_trained"]), len(document["tasks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unfinished (no task finished)"
+    return f"{'finished' if trained >= total else 'unfinished'} ({trained}/{total} tasks trained)"
+
+
+def check_run_folder(run_dir: pathlib.Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into a folder holding another run (unless resuming it or told to overwrite it) or
+    anything that is not a cbd-train run."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} exists and is not a folder")
+    if not any(run_dir.iterdir()):
+        return
+    if not (run_dir / "config.yaml").is_file():
+        raise RunFolderError(f"run folder {run_dir} is not empty and holds no cbd-train run (no config.yaml); "
+                             f"choose another name (--name) or output_dir")
+    if resume or overwrite:
+        return
+    raise RunFolderError(f"run folder {run_dir} already holds a run, {_run_state(run_dir)}; --resume continues "
+                         f"it, --overwrite deletes it and starts again, --name NAME writes elsewhere")
+
+
+def _train(args: argparse.Namespace) -> int:
     from . import config as config_lib
+
+    overrides = list(args.overrides)
+    for flag in ("name", "device", "threads"):  # the flags win over key=value overrides of the same key
+        if getattr(args, flag) is not None:
+            overrides.append(f"{flag}={getattr(args, flag)}")
+    cfg = config_lib.resolve(config_lib.load_yaml(args.config) if args.config else None, overrides)
+    if args.print_config:
+        print(config_lib.dump(cfg), end="")
+        return 0
+    run_dir = pathlib.Path(cfg["output_dir"]) / cfg["name"]
+    check_run_folder(run_dir, args.resume, args.overwrite)  # before any data is read
+
+    prefer_passive_omp_wait()
+    _configure_logging()
+    import logging
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from .eval.report import format_table
     from .train.loop import Trainer
 
-    args = _train_parser().parse_args(argv)
-    _configure_logging()
-    user = config_lib.load_yaml(args.config) if args.config else config_lib.builtin_config("default")
-    overrides = list(args.overrides)
-    if args.device:
-        overrides.append(f"device={args.device}")
-    if args.name:
-        overrides.append(f"name={args.name}")
-    cfg = config_lib.resolve(user, overrides)
-    trainer = Trainer(cfg, show_progress=not args.no_progress, stop_after_epochs=args.stop_after_epochs)
+    show_progress = not args.no_progress and sys.stderr.isatty()
+    trainer = Trainer(cfg, show_progress=show_progress, stop_after_epochs=args.stop_after_epochs)
+    log = logging.getLogger("cbd_fast.train")
+    if args.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+        log.info("deleted the previous run in %s (--overwrite)", run_dir)
     if args.resume:
-        if trainer.resume():
-            print(f"resuming {trainer.run_dir} at task {trainer.next_task + 1}, epoch {trainer.next_epoch + 1}",
+        if not trainer.resume():
+            log.info("no checkpoint in %s; starting from scratch", run_dir)
+        elif trainer.finished:
+            print(f"{run_dir}: the run is finished (all {len(trainer.tasks)} tasks trained); nothing to resume. "
+                  f"`cbd-eval {trainer.checkpoint_path}` evaluates it again, --overwrite trains it again.",
                   file=sys.stderr)
+            print(format_table(trainer.metrics_document()))
+            return 0
         else:
-            print(f"no checkpoint in {trainer.run_dir}; starting from scratch", file=sys.stderr)
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    import logging
-
+            log.info("resuming %s after %s", run_dir, trainer.saved_at)
+    log.info("run folder %s; device %s; %d CPU thread(s) (OMP_WAIT_POLICY=%s)", run_dir, trainer.device,
+             trainer.threads, os.environ.get("OMP_WAIT_POLICY", "unset"))
     with logging_redirect_tqdm(loggers=[logging.getLogger("cbd_fast")]):  # log lines print above the bars
         document = trainer.run()
     print(format_table(document))
@@ -66,17 +196,17 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def eval_main(argv: list[str] | None = None) -> int:
+def train_main(argv: list[str] | None = None) -> int:
+    args = _train_parser().parse_intermixed_args(argv)
+    return _report_errors("cbd-train", args.debug, lambda: _train(args))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    prefer_passive_omp_wait()
     from .eval.report import format_table
     from .train import checkpoint
     from .train.loop import Trainer
 
-    parser = argparse.ArgumentParser(prog="cbd-eval", description="Evaluate a checkpoint on its scenario's tasks.")
-    parser.add_argument("checkpoint", help="path to a checkpoint written by cbd-train")
-    parser.add_argument("--prompt-selection", choices=("key", "task_id"), default=None,
-                        help="key matching per sample (default) or the oracle task id")
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args(argv)
     state = checkpoint.load(args.checkpoint)
     cfg = json.loads(state["config"])
     if args.device:
@@ -89,6 +219,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     trainer.results = trainer.results[:trained - 1] + [results]
     print(format_table(trainer.metrics_document()))
     return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    args = _eval_parser().parse_args(argv)
+    return _report_errors("cbd-eval", args.debug, lambda: _eval(args))
 
 
 def train_console() -> None:
