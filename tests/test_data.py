@@ -5,6 +5,7 @@ import logging
 import re
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -606,15 +607,82 @@ def test_bad_images_raise_naming_the_file_by_default(tmp_path):
 
     table, bad = make_bad_table(tmp_path / "corrupt", missing=False)
     cfg = {"scenario": "csv", "path": str(table), "on_bad_image": "error"}
-    train = build_tasks(cfg, 16, 0)[0].train  # undecodable: when the image is read
-    for kind in ("garbage", "truncated"):
-        index = train.image_paths.index(bad[kind])
-        with pytest.raises(BadImageError, match=re.escape(str(bad[kind]))):
-            train[index]
-    with pytest.raises(BadImageError, match=re.escape(str(bad["garbage"])) + ".*UnidentifiedImageError"):
-        build_tasks({**cfg, "preload": True}, 16, 0)  # preloading reads them all up front
+    for preload in (False, True):  # undecodable: every file is checked when the dataset is built
+        with pytest.raises(BadImageError, match=f"2 of 8 image file.*{re.escape(str(bad['garbage']))}: "
+                                                f"UnidentifiedImageError.*{re.escape(str(bad['truncated']))}"):
+            build_tasks({**cfg, "preload": preload}, 16, 0)
     with pytest.raises(ConfigError, match="on_bad_image must be one of error, skip"):
         build_tasks({**cfg, "on_bad_image": "ignore"}, 16, 0)
+
+    # a file that goes bad after the check still names itself when it is read
+    clean, _ = make_bad_table(tmp_path / "later", missing=False, corrupt=False)
+    train = build_tasks({"scenario": "csv", "path": str(clean)}, 16, 0)[0].train
+    train.image_paths[0].write_bytes(b"overwritten")
+    with pytest.raises(BadImageError, match=re.escape(str(train.image_paths[0]))):
+        train[0]
+
+
+def write_png_header(path: Path, width: int, height: int) -> None:
+    """A tiny PNG file whose header declares ``width × height`` grey pixels (a decompression bomb when large)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_a_bad_image(tmp_path):
+    table, _ = make_bad_table(tmp_path, missing=False, corrupt=False)
+    bomb = tmp_path / "bomb.png"
+    write_png_header(bomb, 20000, 20000)  # 4·10⁸ pixels in 80 bytes: PIL refuses to decode it
+    table.write_text(table.read_text() + "bomb.png,a bomb,train\n")
+    with pytest.raises(BadImageError, match=re.escape(str(bomb)) + ": DecompressionBombError"):
+        build_tasks({"scenario": "csv", "path": str(table)}, 16, 0)
+    tasks = build_tasks({"scenario": "csv", "path": str(table), "on_bad_image": "skip"}, 16, 0)
+    assert tasks[0].train.skipped == [bomb] and len(tasks[0].train) == 6
+    with pytest.raises(BadImageError, match=re.escape(str(bomb))):
+        load_image(bomb, 16)
+
+
+def test_a_bad_image_in_the_last_task_stops_the_build(tmp_path):
+    rows = ["image_path,caption,label"]
+    for k in range(12):
+        write_gradient(tmp_path / f"c{k}.jpg", 20 * k)
+        rows.append(f"c{k}.jpg,class {k % 3} picture {k},class{k % 3}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    cfg = {"scenario": "csv", "path": str(tmp_path / "pairs.csv"), "num_tasks": 3, "shuffle_classes": False,
+           "test_fraction": 0.5}
+    last = build_tasks(cfg, 16, 0)[2]
+    broken = (last.train.image_paths or [])[0]
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated, in the third task
+    started = time.perf_counter()
+    with pytest.raises(BadImageError, match=re.escape(str(broken))):
+        build_tasks(cfg, 16, 0)  # before any training, not after two tasks
+    assert time.perf_counter() - started < 10
+
+
+def test_csv_byte_order_mark_encoding_and_blank_captions(tmp_path):
+    for k in range(4):
+        write_image(tmp_path / f"b{k}.png", (40 * k, 0, 0))
+    rows = "image_path,caption\n" + "".join(f"b{k}.png,caf\u00e9 number {k}\n" for k in range(4))
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + rows.encode("utf-8"))  # Excel's "CSV UTF-8"
+    tasks = build_tasks({"scenario": "csv", "path": str(tmp_path / "excel.csv"), "test_fraction": 0.5}, 16, 0)
+    assert sorted(c for t in tasks for d in (t.train, t.test) for caps in d.captions for c in caps) == \
+        [f"caf\u00e9 number {k}" for k in range(4)]
+    (tmp_path / "latin1.csv").write_bytes(rows.encode("latin-1"))
+    with pytest.raises(DatasetLayoutError, match=re.escape(str(tmp_path / "latin1.csv")) +
+                       r": row 1 \(line 2\): not UTF-8 text \(byte 0xe9\)"):
+        build_tasks({"scenario": "csv", "path": str(tmp_path / "latin1.csv")}, 16, 0)
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"image_path": "b0.png", "caption": "ok"}\n'
+                                            b'{"image_path": "b1.png", "caption": "caf\xe9"}\n')
+    with pytest.raises(DatasetLayoutError, match=r"latin1.jsonl: line 2: not UTF-8 text"):
+        build_tasks({"scenario": "csv", "path": str(tmp_path / "latin1.jsonl")}, 16, 0)
+    (tmp_path / "blank.csv").write_text("image_path,caption\nb0.png,a caption\nb1.png,   \n")
+    with pytest.raises(DatasetLayoutError, match=r"blank.csv: row 2: the caption of b1.png is empty"):
+        build_tasks({"scenario": "csv", "path": str(tmp_path / "blank.csv")}, 16, 0)
+    with pytest.raises(ValueError, match="sample 1 needs at least one caption, each a non-blank string"):
+        ImageTextDataset(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [["a"], ["b", " "]], image_size=8, train=True)
 
 
 def test_bad_images_are_dropped_counted_and_reported_with_skip(tmp_path, caplog):

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .images import Augment, augment_image, image_file_problem, load_image, normalize_uint8, resize_uint8
+from .images import Augment, BadImageError, augment_image, image_file_problem, load_image, normalize_uint8, \
+    resize_uint8
 
 logger = logging.getLogger("cbd_fast.data")
 
@@ -72,11 +73,12 @@ class ImageTextDataset(Dataset):
     ``(seed, index, epoch)``: the same item at the same epoch is always the same tensor, whatever the worker,
     process or global RNG state.
 
-    ``on_bad_image`` (file paths only): ``"error"`` leaves every path in (a file that fails to decode raises
-    :class:`~cbd_fast.data.images.BadImageError` naming it when read); ``"skip"`` checks every file here
-    (:func:`image_file_problem`) and drops the bad ones with their captions and labels, listing their paths in
-    ``skipped`` (and why, in ``skip_reasons``) and logging a warning unless ``report_skipped=False`` (the
-    scenario builder reports once for all its datasets instead).
+    ``on_bad_image`` (file paths only): every file is checked here (:func:`image_file_problem`: it exists and
+    decodes), so that a bad file stops a run before training, not in a later task. ``"error"`` raises
+    :class:`~cbd_fast.data.images.BadImageError` naming every bad file; ``"skip"`` drops the bad ones with their
+    captions and labels, listing their paths in ``skipped`` (and why, in ``skip_reasons``) and logging a warning
+    unless ``report_skipped=False`` (the scenario builder reports once for all its datasets instead). A file
+    that goes bad after the check still raises :class:`~cbd_fast.data.images.BadImageError` naming it when read.
     """
 
     def __init__(self, images: torch.Tensor | Sequence[str | Path], captions: Sequence[Sequence[str]],
@@ -90,8 +92,14 @@ class ImageTextDataset(Dataset):
             raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
         self.skipped: list[Path] = []  # dropped image files (on_bad_image="skip"), in input order
         self.skip_reasons: dict[Path, str] = {}
-        if on_bad_image == "skip" and not isinstance(images, torch.Tensor):
+        if not isinstance(images, torch.Tensor):
             problems = [image_file_problem(path) for path in images]
+            if any(problems) and on_bad_image == "error":
+                bad = [(Path(path), problem) for path, problem in zip(images, problems) if problem]
+                raise BadImageError(f"{len(bad)} of {len(images)} image file(s) cannot be used (on_bad_image: "
+                                    f"error; `skip` drops them with their captions): "
+                                    + "; ".join(f"{path}: {problem}" for path, problem in bad[:5])
+                                    + (f"; … and {len(bad) - 5} more" if len(bad) > 5 else ""))
             if any(problems):
                 keep = [i for i, problem in enumerate(problems) if problem is None]
                 self.skip_reasons = {Path(images[i]): problem for i, problem in enumerate(problems) if problem}
@@ -107,8 +115,8 @@ class ImageTextDataset(Dataset):
                     report_skipped_images([(path, self.skip_reasons[path]) for path in self.skipped])
         self.captions: list[list[str]] = [list(caps) for caps in captions]
         for index, caps in enumerate(self.captions):
-            if not caps or any(not isinstance(c, str) for c in caps):
-                raise ValueError(f"sample {index} needs at least one caption (str), got {caps!r}")
+            if not caps or any(not isinstance(c, str) or not c.strip() for c in caps):
+                raise ValueError(f"sample {index} needs at least one caption, each a non-blank string, got {caps!r}")
         if labels is None:
             labels = [-1] * num_samples
         self.labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)

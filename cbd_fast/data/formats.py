@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
 from .images import IMAGE_EXTENSIONS
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(InputError, FileNotFoundError):
     """A dataset folder or file is missing or malformed; the message shows the expected layout."""
 
 
@@ -234,12 +236,27 @@ TABLE_LAYOUT = """  a .csv file with a header row, or a .jsonl file with one JSO
   relative image paths are resolved against the file's folder; rows sharing an image = several captions"""
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; a UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped, and bytes that are not UTF-8
+    stay as lone surrogates for :func:`_check_utf8` to report where they are."""
+    return path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+
+
+def _check_utf8(path: Path, where: str, *texts: str | None) -> None:
+    for text in texts:
+        bad = next((ch for ch in text or "" if "\udc80" <= ch <= "\udcff"), None)
+        if bad is not None:
+            raise DatasetLayoutError(f"{path}: {where}: not UTF-8 text (byte 0x{ord(bad) - 0xDC00:02x}); save the "
+                                     f"file as UTF-8 (in Excel: CSV UTF-8)")
+
+
 def _table_rows(path: Path) -> list[dict]:
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         rows = []
-        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for line_number, line in enumerate(_read_utf8(path).splitlines(), start=1):
             if not line.strip():
                 continue
+            _check_utf8(path, f"line {line_number}", line)
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -249,8 +266,15 @@ def _table_rows(path: Path) -> list[dict]:
             rows.append(row)
         return rows
     if path.suffix.lower() in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+        reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""),
+                                delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        _check_utf8(path, "header", *(reader.fieldnames or []))
+        rows = []
+        for number, row in enumerate(reader, start=1):  # numbered like load_table's messages: data rows from 1
+            _check_utf8(path, f"row {number} (line {reader.line_num})", *(v for v in row.values() if
+                                                                          isinstance(v, str)))
+            rows.append(row)
+        return rows
     raise DatasetLayoutError(f"{path}: unknown table type (use .csv, .tsv or .jsonl)\n{TABLE_LAYOUT}")
 
 
@@ -264,7 +288,10 @@ def load_table(path: str | Path, split: str | None = None, require_images: bool 
     for number, row in enumerate(rows, start=1):
         if not row.get("image_path") or not isinstance(row.get("caption"), str):
             raise DatasetLayoutError(f"{path}: row {number} needs image_path and caption, has columns "
-                                     f"{sorted(row)}\nexpected layout:\n{TABLE_LAYOUT}")
+                                     f"{sorted(map(str, row))}\nexpected layout:\n{TABLE_LAYOUT}")
+        if not row["caption"].strip():
+            raise DatasetLayoutError(f"{path}: row {number}: the caption of {row['image_path']} is empty; give "
+                                     f"every row a caption or remove the row")
         label = row.get("label")
         label = None if label is None or str(label).strip() == "" else str(label).strip()
         row_split = split or (str(row["split"]).strip() if row.get("split") else None)

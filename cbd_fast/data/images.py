@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import InputError
+
 # The statistics CLIP's preprocessing uses; the towers are CLIP-style, so inputs are normalised the same way.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -34,7 +36,7 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-class BadImageError(OSError):
+class BadImageError(InputError, OSError):
     """An image file that exists but cannot be decoded (not an image, truncated, unreadable)."""
 
 
@@ -48,7 +50,7 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
             rgb = resize_center_crop(image.convert("RGB"), size)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError and truncation are OSErrors
+    except Exception as exc:  # any failure to decode, e.g. PIL's DecompressionBombError, which is no OSError
         raise BadImageError(f"cannot decode image file {path}: {type(exc).__name__}: {exc}") from exc
     array = np.asarray(rgb, dtype=np.uint8)  # [size, size, 3]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
@@ -58,7 +60,8 @@ def image_file_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be used as an image (missing, not an image, truncated…), or None when it decodes.
 
     ``verify()`` checks the structure, then a full decode (in JPEG draft mode: at reduced scale, still reading
-    every byte) catches truncated files, which ``verify()`` alone lets through for JPEG.
+    every byte) catches truncated files, which ``verify()`` alone lets through for JPEG. Images with more
+    pixels than PIL accepts (a decompression bomb: ``Image.MAX_IMAGE_PIXELS``) are rejected from their header.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,7 +72,7 @@ def image_file_problem(path: str | Path) -> str | None:
         with Image.open(path) as image:  # verify() leaves the image unusable: reopen to decode
             image.draft("RGB", (64, 64))
             image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # PIL raises many types for damaged files (OSError, SyntaxError, DecompressionBomb...)
         return f"{type(exc).__name__}: {exc}"
     return None
 
