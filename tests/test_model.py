@@ -1,6 +1,10 @@
 """Model layer: CLIP tokenizer, towers, prompt pool, dual encoder, config and CLIP checkpoint loading."""
 import gzip
 import math
+import os
+import pickle
+import zipfile
+from typing import Tuple
 
 import pytest
 import torch
@@ -336,10 +340,10 @@ class _Root(nn.Module):
         return self.logit_scale.exp()
 
 
-def _save_torchscript(sd, path, dtype=torch.float16):
+def _save_torchscript(sd, path, dtype=torch.float16, root=None):
     """TorchScript archive of a module tree whose parameters carry CLIP's names (half precision, with the
     hyper-parameter buffers OpenAI's archives hold)."""
-    root = _Root()
+    root = _Root() if root is None else root
     for key, value in sd.items():
         *parents, last = key.split(".")
         node = root
@@ -452,6 +456,72 @@ def test_load_openai_clip_matches_clip_forward(clip_files, kind):
     torch.testing.assert_close(image.tokens, F.normalize(ref_tokens, dim=-1), atol=1e-5, rtol=0)
     ref_text = _clip_encode_text(sd64, ids, heads=1, layers=2)
     torch.testing.assert_close(text.pooled, F.normalize(ref_text, dim=-1), atol=1e-5, rtol=0)
+
+
+class _WritesAFileWhenLoaded(nn.Module):
+    """An archive's code that runs when torch.jit.load unpickles it: __setstate__ creates the file ``marker``."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+        self.weight = torch.ones(2)
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
+        return self.marker, self.weight, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]) -> None:
+        self.marker, self.training = state[0], state[2]
+        created = torch.from_file(self.marker, True, 8, dtype=torch.uint8)  # shared=True creates the file
+        self.weight = state[1] + created[:2].float() * 0
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+class _RootWithCode(_Root):
+    def __init__(self, marker: str):
+        super().__init__()
+        self.payload = _WritesAFileWhenLoaded(marker)
+
+    def forward(self) -> torch.Tensor:
+        return self.logit_scale.exp() + self.payload().sum()
+
+
+def test_torchscript_archive_code_never_runs(clip_files, tmp_path):
+    sd = clip_files[0]
+    marker = tmp_path / "written_by_the_archive"
+    archive = tmp_path / "ViT-tiny-with-code.pt"
+    _save_torchscript(sd, archive, root=_RootWithCode(str(marker)))
+    with pytest.warns(FutureWarning):
+        torch.jit.load(str(archive))  # the crafted archive is live: torch's loader runs its code
+    assert marker.exists()
+    marker.unlink()
+
+    model = create_model({"pretrained": str(archive), "prompts": {"pool_size": 2, "length": 2}})
+    assert not marker.exists()  # nothing ran: the weights were read as data
+    assert model.load_report.unexpected == []  # the payload keeps its state in a tuple: no named tensors
+    assert torch.equal(model.visual.proj.weight, sd["visual.proj"].half().float().T)
+
+    # an archive whose pickle names anything but tensors is refused, naming it, and nothing runs
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(tmp_path / "evil.pt", "w") as evil:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename.endswith("/data.pkl"):
+                data = pickle.dumps(_RunsCommand(f"touch {marker}"), protocol=2)
+            evil.writestr(item, data)
+    with pytest.raises(ValueError, match=r"refers to (posix|os)\.system, which is not part of a tensor"):
+        create_model({"pretrained": str(tmp_path / "evil.pt")})
+    assert not marker.exists()
+
+
+class _RunsCommand:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
 
 
 def test_load_openai_clip_errors_and_report(clip_files, tmp_path):

@@ -1,8 +1,13 @@
 """Loading OpenAI CLIP (ViT) checkpoints from a local file into :class:`DualEncoder`.
 
-Nothing here downloads anything: ``path`` must already be on disk. Two formats are read:
+Nothing here downloads anything: ``path`` must already be on disk, and nothing in the file is ever run. Two
+formats are read:
 
-- a TorchScript archive as released by OpenAI (``ViT-B-32.pt``): ``torch.jit.load(path).state_dict()``;
+- a TorchScript archive as released by OpenAI (``ViT-B-32.pt``). ``torch.jit.load`` would compile and run the
+  archive's code (a crafted archive's ``__setstate__`` can write files), so it is not used: the archive is a zip
+  whose ``data.pkl`` pickles the module tree, and :func:`read_torchscript_tensors` unpickles it with a restricted
+  unpickler that rebuilds tensors and records every TorchScript object's attributes as plain data, refusing any
+  other global;
 - a plain state dict saved with ``torch.save`` (optionally wrapped as ``{"state_dict": ...}`` and/or with a
   ``module.`` prefix from DataParallel), read with ``weights_only=True``.
 
@@ -29,8 +34,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
-import warnings
 import zipfile
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -96,15 +101,112 @@ def _is_torchscript_archive(path: PathLike) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
+class _ScriptObject:
+    """Stands in for an instance of a class defined by a TorchScript archive's code (``__torch__.*``): keeps the
+    pickled state as data and runs none of the archive's code."""
+
+    def __init__(self, *args: Any):
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+# Storage classes named in the pickle's persistent ids, and the dtype each stands for.
+_STORAGE_DTYPES = {
+    "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+# The only callables a TorchScript data.pkl may name: tensor rebuilding, plus TorchScript's typed-container tags.
+_ALLOWED_GLOBALS: Dict[Tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("collections", "OrderedDict"): dict,
+    ("torch.jit._pickle", "restore_type_tag"): lambda value, type_name: value,
+    ("torch.jit._pickle", "build_intlist"): list,
+    ("torch.jit._pickle", "build_doublelist"): list,
+    ("torch.jit._pickle", "build_boollist"): list,
+    ("torch.jit._pickle", "build_tensorlist"): list,
+}
+
+
+class _StorageType:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript ``data.pkl``: tensors from the archive's ``data/`` records, ``__torch__``
+    objects as :class:`_ScriptObject`; any other global is refused."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, path: PathLike):
+        super().__init__(archive.open(f"{prefix}data.pkl"))
+        self.archive, self.prefix, self.path = archive, prefix, path
+        self.storages: Dict[str, Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        raise ValueError(f"{self.path}: the TorchScript archive refers to {module}.{name}, which is not part of "
+                         f"a tensor; refusing to read it (only weights are read from archives, no code runs)")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise ValueError(f"{self.path}: unexpected record {pid!r} in the TorchScript archive")
+        _, storage_type, key, _location, numel = pid
+        if key not in self.storages:
+            raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            itemsize = torch.empty((), dtype=storage_type.dtype).element_size()
+            if len(raw) != numel * itemsize:
+                raise ValueError(f"{self.path}: record data/{key} holds {len(raw)} bytes, expected {numel * itemsize}")
+            untyped = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage() if raw else torch.UntypedStorage(0)
+            self.storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype,
+                                                            _internal=True)
+        return self.storages[key]
+
+
+def _named_tensors(state: Any, prefix: str, out: StateDict) -> None:
+    """Tensors among the attributes of a module tree of :class:`_ScriptObject`, with dotted names."""
+    if isinstance(state, _ScriptObject):
+        state = state.state
+    if not isinstance(state, dict):
+        return  # an object with custom __getstate__: no attribute names to go by
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            out[f"{prefix}{key}"] = value.detach()
+        elif isinstance(value, (_ScriptObject, dict)):
+            _named_tensors(value, f"{prefix}{key}.", out)
+
+
+def read_torchscript_tensors(path: PathLike) -> StateDict:
+    """Every tensor attribute (parameters and buffers) of the module tree in a TorchScript archive, by dotted
+    name as ``state_dict()`` names them, read without compiling or running any of the archive's code."""
+    with zipfile.ZipFile(path) as archive:
+        roots = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
+        if len(roots) != 1:
+            raise ValueError(f"{path}: expected one <name>/data.pkl in the TorchScript archive, found {roots}")
+        unpickler = _TensorUnpickler(archive, roots[0][:-len("data.pkl")], path)
+        try:
+            root = unpickler.load()
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+            raise ValueError(f"{path}: unreadable TorchScript archive ({type(exc).__name__}: {exc})") from None
+    tensors: StateDict = {}
+    _named_tensors(root, "", tensors)
+    return tensors
+
+
 def read_clip_state_dict(path: PathLike) -> StateDict:
     """CLIP state dict (tensors on CPU) from a local TorchScript archive or ``torch.save`` file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP checkpoint not found: {path} (weights are never downloaded)")
     if _is_torchscript_archive(path):
-        with warnings.catch_warnings():
-            # torch deprecates TorchScript, but OpenAI released CLIP as TorchScript archives.
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        state = read_torchscript_tensors(path)
     else:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
