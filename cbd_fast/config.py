@@ -94,8 +94,11 @@ _SECTION_DEFAULT_KIND = {"data": {"scenario": "synthetic"}, "model": {}}
 
 def _unknown_key(where: str, key: str, known) -> ConfigError:
     section = where.rpartition(".")[0]
-    close = difflib.get_close_matches(key, [str(k) for k in known], n=1)
-    hint = f" (did you mean '{section + '.' if section else ''}{close[0]}'?)" if close else ""
+    close = [f"{section + '.' if section else ''}{match}" for match in
+             difflib.get_close_matches(key, [str(k) for k in known], n=1)]
+    # a key of another section, e.g. lr=... for train.lr=...
+    close = close or [dotted for dotted in leaf_keys(DEFAULTS) if dotted.rpartition(".")[2] == key][:1]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
     section = section or "the top level"
     return ConfigError(f"unknown config key '{where}'{hint}; keys in {section}: {', '.join(map(str, known))}")
 

@@ -198,6 +198,8 @@ def test_config_overrides_and_unknown_keys():
     assert cfg["train"]["batch_size"] == config_lib.DEFAULTS["train"]["batch_size"]
     with pytest.raises(config_lib.ConfigError, match="loss.banzaf.*did you mean 'loss.banzhaf'"):
         config_lib.resolve({}, ["loss.banzaf=1"])
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'lr' \\(did you mean 'train.lr'"):
+        config_lib.resolve({}, ["lr=1e-3"])
     assert config_lib.resolve({}, ["train.lr=2e-3"])["train"]["lr"] == pytest.approx(2e-3)  # YAML 1.1 string
     with pytest.raises(config_lib.ConfigError, match="'train.epochs' must be an integer ≥ 1, got 'many'"):
         config_lib.resolve({}, ["train.epochs=many"])
