@@ -174,17 +174,18 @@ def _override(item: str) -> dict:
     return nested
 
 
-def resolve(user: dict | None = None, overrides: list[str] | None = None) -> dict:
+def resolve(user: dict | None = None, overrides: list[str] | None = None, warn: bool = True) -> dict:
     """Defaults ← user config ← ``key=value`` overrides, checked by :func:`validate`.
 
     Overrides apply in order of depth (``data=file.yaml`` before ``data.num_tasks=3``), then in the order given.
+    A resolved config resolves to itself.
     """
     if user is not None and not isinstance(user, dict):
         raise ConfigError(f"a config must be a mapping of keys, got {type(user).__name__}")
     config = _merge(DEFAULTS, user or {}, "")
     for item in sorted(overrides or [], key=lambda text: text.partition("=")[0].count(".")):
         config = _merge(config, _override(item), "")
-    validate(config)
+    validate(config, warn)
     return config
 
 

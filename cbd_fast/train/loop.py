@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import config as config_lib
 from .._files import remove_stale_temporaries, write_text_atomic
 from ..config import ConfigError
-from ..data import Task, build_tasks, load_scenario
+from ..data import Task, build_tasks
 from ..errors import RunFailed
 from ..eval.evaluate import evaluate_task
 from ..eval.metrics import continual_summary
@@ -72,10 +72,11 @@ class LossTerms:
 
 
 class Trainer:
-    """Runs a resolved config (see :mod:`cbd_fast.config`) and writes everything under ``output_dir/name``."""
+    """Runs a config (:func:`cbd_fast.config.resolve` completes a partial one from the defaults and checks it) and
+    writes everything under ``output_dir/name``."""
 
     def __init__(self, config: dict[str, Any], *, show_progress: bool = True, stop_after_epochs: int | None = None):
-        config_lib.validate(config, warn=False)  # cbd-train resolved (and warned about) it already
+        config = config_lib.resolve(config, warn=False)  # cbd-train resolved (and warned about) it already
         self.config = config
         self.run_dir = pathlib.Path(config["output_dir"]) / config["name"]
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
@@ -92,10 +93,7 @@ class Trainer:
         except ValueError as exc:  # the model config's own checks (keys, sizes, checkpoint fit)
             raise ConfigError(f"model: {exc}") from exc
         self.image_size = self.model.image_size
-        data_cfg = config["data"]
-        if isinstance(data_cfg, str):  # a scenario file (configs written before scenarios were inlined)
-            data_cfg = load_scenario(data_cfg)
-        self.tasks: list[Task] = build_tasks(data_cfg, self.image_size, config["seed"])
+        self.tasks: list[Task] = build_tasks(config["data"], self.image_size, config["seed"])
         self.predictor = InteractionPredictor(self.loss_cfg["module_hidden"]).to(self.device) \
             if self.loss_cfg["banzhaf_source"] == "module" else None
         self.old_model = None
