@@ -113,10 +113,19 @@ def _report_errors(prog: str, debug: bool, command: Callable[[], int]) -> int:
         except (RunFailed, OSError) as exc:
             if debug or (not isinstance(exc, RunFailed) and exc.errno not in _OS_ERRORS):
                 raise
-            message = str(exc) if isinstance(exc, RunFailed) or not exc.filename else \
-                f"{exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)}): {exc.filename}"
-            print(f"{prog}: error: {message}", file=sys.stderr)
+            print(f"{prog}: error: {exc if isinstance(exc, RunFailed) else _os_error_message(exc)}", file=sys.stderr)
             return EXIT_RUN_FAILED
+
+
+def _os_error_message(exc: OSError) -> str:
+    """``No space left on device (ENOSPC): path``, without repeating what the message already says."""
+    message = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno)
+    if code and code not in message:
+        message += f" ({code})"
+    if exc.filename and str(exc.filename) not in message:
+        message += f": {exc.filename}"
+    return message
 
 
 def _run_state(run_dir: pathlib.Path) -> str:

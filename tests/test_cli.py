@@ -1,4 +1,6 @@
 """cbd-train as a user runs it: one subprocess per command line, on a CI-sized config."""
+import errno
+import json
 import os
 import pathlib
 import shutil
@@ -12,6 +14,8 @@ import yaml
 from tqdm import tqdm
 
 import cbd_fast
+from cbd_fast import cli
+from cbd_fast.train import checkpoint
 from cbd_fast.train.loop import progress_label, progress_postfix
 from test_train_e2e import TINY
 
@@ -56,6 +60,29 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, arguments, message):
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 
+def test_file_system_errors_are_named(capsys, tmp_path):
+    path = tmp_path / "runs" / "x" / "checkpoints" / "last.pt"
+
+    def full_disk():
+        checkpoint.save_atomic({"w": torch.ones(3)}, path)
+        return 0
+
+    def write_fails(obj, stream):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "save", write_fails)
+        assert cli._report_errors("cbd-train", False, full_disk) == 1
+    assert capsys.readouterr().err == (f"cbd-train: error: no space left on device (ENOSPC) while writing {path}; "
+                                       f"the previous version of the file, if any, is intact\n")
+
+    def read_only():
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "runs"))
+
+    assert cli._report_errors("cbd-train", False, read_only) == 1
+    assert capsys.readouterr().err == f"cbd-train: error: Permission denied (EACCES): {tmp_path / 'runs'}\n"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_no_cuda_is_a_user_error(tmp_path):
     result = run(CBD_TRAIN, "--device", "cuda", cwd=tmp_path)
@@ -84,8 +111,6 @@ def test_a_logged_run_with_a_scenario_file(tmp_path):
     run_dir = tmp_path / "runs" / "e2e"
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert recorded["data"] == dict(TINY["data"], num_tasks=2) and recorded["device"] == "cpu"
-    import json
-
     document = json.loads((run_dir / "metrics.json").read_text())
     assert document["threads"] == 2 and len(document["tasks"]) == 2
 
