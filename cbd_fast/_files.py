@@ -43,8 +43,8 @@ def write_atomic(path: str | pathlib.Path, write: Callable[[BinaryIO], None]) ->
     remove_stale_temporaries(path)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(handle, _new_file_mode())
         with os.fdopen(handle, "wb") as stream:
+            os.fchmod(stream.fileno(), _new_file_mode())
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
