@@ -13,7 +13,7 @@ import torch
 from ._backend import resolve_backend, within_kernel_limits
 from ._checks import (check_choice, check_float_tensor, check_same_device, mask_or_default, result_dtype,
                       weight_or_default)
-from ._gpu_autograd import register_maxsim_score_op
+from ._gpu_autograd import forbid_double_backward, register_maxsim_score_op
 from ._ops import has_extension
 
 REDUCTIONS = ("wti", "sum", "mean")
@@ -190,6 +190,7 @@ def _register_abstract_and_autograd() -> None:
         return grad_text, grad_image, None, None, grad_text_weight, grad_image_weight, None
 
     torch.library.register_autograd("cbd_fast::maxsim_forward", _backward, setup_context=_setup_context)
+    forbid_double_backward("cbd_fast::maxsim_backward", "cbd_fast::maxsim_forward")
 
     if hasattr(torch.ops.cbd_fast, "maxsim_score"):  # the CUDA kernels' op (no CPU kernel)
         register_maxsim_score_op("cbd_fast::maxsim_score", "cbd_fast::maxsim_score_backward")
