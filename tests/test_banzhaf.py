@@ -1,5 +1,7 @@
 """Semantics of banzhaf_interaction: exact enumeration, backend parity, gradients, edge cases, bad input."""
 import functools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -407,6 +409,53 @@ def test_triton_refuses_the_exact_estimator(kernel_device):
 def test_from_tokens_shape_mismatch():
     with pytest.raises(ValueError, match="agree in B and D"):
         cbd_fast.banzhaf_interaction_from_tokens(torch.randn(2, 3, 8), torch.randn(2, 4, 7))
+
+
+@pytest.mark.parametrize("text_shape,image_shape", [((2, 0, 4), (2, 3, 4)), ((2, 3, 4), (2, 0, 4)),
+                                                    ((0, 3, 4), (0, 5, 4))])
+def test_from_tokens_without_tokens_names_its_arguments(text_shape, image_shape):
+    with pytest.raises(ValueError, match=r"text \[B,T,D\] and image \[B,V,D\] must have B, T, V >= 1"):
+        cbd_fast.banzhaf_interaction_from_tokens(torch.randn(text_shape), torch.randn(image_shape))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_tokens_with_no_feature_dimension_is_the_zero_game(backend):
+    out = cbd_fast.banzhaf_interaction_from_tokens(torch.randn(2, 3, 0), torch.randn(2, 4, 0), num_samples=8,
+                                                   backend=backend)
+    assert all(torch.equal(x, torch.zeros_like(x)) for x in out)
+
+
+def _run_with_memory_cap(code: str, headroom: int = 2**30) -> subprocess.CompletedProcess:
+    """Runs ``code`` after ``import torch, cbd_fast`` in a fresh interpreter whose address space may grow by at
+    most ``headroom`` bytes: an allocation of several GiB fails there instead of filling this machine."""
+    prelude = ("import resource, torch, cbd_fast\n"
+               "size = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+               f"resource.setrlimit(resource.RLIMIT_AS, (size + {headroom}, size + {headroom}))\n")
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("call", [
+    "cbd_fast.banzhaf_interaction(torch.zeros(1, 1, 1).expand(2**32, 1, 1), num_samples=1)",
+    "cbd_fast.banzhaf_interaction_from_tokens(torch.zeros(1, 1, 1).expand(2**32, 1, 1), "
+    "torch.zeros(1, 1, 1).expand(2**32, 1, 1), num_samples=1)",
+], ids=["sim", "from_tokens"])
+def test_batch_limit_is_checked_before_any_allocation_of_its_size(call):
+    """A batch of 2**32 pairs (a stride-0 view: no memory) is refused before the default masks and weights,
+    B×(T+V) each (40 GiB here), are allocated."""
+    result = _run_with_memory_cap(f"try:\n    {call}\nexcept ValueError as error:\n    print(error)\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the batch B must be < 2**32" in result.stdout
+
+
+def test_meta_tensors_trace_shapes_and_refuse_the_exact_estimator():
+    sim = torch.empty(2, 3, 4, device="meta")
+    out = cbd_fast.banzhaf_interaction(sim, num_samples=8)
+    assert [tuple(x.shape) for x in out] == [(2, 3, 4), (2, 3), (2, 4)] and out.interaction.is_meta
+    with pytest.raises(ValueError, match="estimator='exact'.*meta tensors"):
+        cbd_fast.banzhaf_interaction(sim, estimator="exact")
+    with pytest.raises(ValueError, match="estimator='exact'.*meta tensors"):
+        cbd_fast.banzhaf_interaction_from_tokens(torch.empty(2, 3, 8, device="meta"),
+                                                 torch.empty(2, 4, 8, device="meta"), estimator="exact")
 
 
 @pytest.mark.skipif(not cbd_fast.build_info()["triton"], reason="triton not installed")
