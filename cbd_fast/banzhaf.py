@@ -127,7 +127,12 @@ def banzhaf_interaction(sim: torch.Tensor, text_mask: torch.Tensor | None = None
 
     Returns:
         :class:`BanzhafResult` ``(interaction[B,T,V], text_value[B,T], image_value[B,V])``, float32 for half
-        inputs, else ``sim.dtype``. Differentiable w.r.t. ``sim`` and both weights.
+        inputs, else ``sim.dtype``. Differentiable w.r.t. ``sim`` and both weights (to any order with
+        ``backend="torch"``; the compiled kernels give first derivatives).
+
+    Raises:
+        ValueError / TypeError naming the argument: wrong types, shapes, dtypes or devices; non-finite ``sim``;
+        non-finite valid weight logits or ones spanning more than MAX_WEIGHT_SPAN (27) within a pair.
     """
     check_float_tensor("sim", sim, 3, "[B,T,V]")
     if min(sim.shape) < 1:
@@ -168,6 +173,8 @@ def banzhaf_interaction_from_tokens(text: torch.Tensor, image: torch.Tensor, tex
     text ``[B,T,D]``, image ``[B,V,D]`` (same B and D; features are used as given, not normalised). Gradients flow
     to both feature tensors and the weights. The GPU kernels compute each pair's similarity inside the fused pass
     (fp32 accumulation for half inputs); on CPU and with ``backend="torch"`` it is one batched GEMM feeding the pass.
+    Besides the checks of :func:`banzhaf_interaction`, text and image must be finite and their token norms small
+    enough that no similarity overflows (|text_t·image_u| <= |text_t|·|image_u| < half the dtype's maximum).
     """
     check_float_tensor("text", text, 3, "[B,T,D]")
     check_float_tensor("image", image, 3, "[B,V,D]")

@@ -47,9 +47,10 @@ def maxsim(text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor | No
     Returns:
         ``score[Bt, Bi]`` in the features' dtype (float32 for half-precision features). Invalid tokens never
         enter a max or a sum, whatever values they hold; a pair whose text or image has no valid token (or
-        T, V or D = 0) scores 0. Non-finite values on valid tokens propagate into the scores they reach. Ties in a max go to the
-        lowest token index, which is also the one entry the gradient flows through. Differentiable w.r.t.
-        ``text``, ``image`` and both weights.
+        T, V or D = 0) scores 0. Non-finite values on valid tokens propagate into the scores they reach. Ties
+        in a max go to the lowest token index, which is also the one entry the gradient flows through.
+        Differentiable w.r.t. ``text``, ``image`` and both weights (to any order with ``backend="torch"``; the
+        compiled kernels give first derivatives).
     """
     check_float_tensor("text", text, 3, "[Bt, T, D]")
     check_float_tensor("image", image, 3, "[Bi, V, D]")
