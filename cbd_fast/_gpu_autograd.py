@@ -12,7 +12,8 @@ signatures per family, so one registration function per family serves both:
 
 The fused backward ops have no derivative of their own: :func:`forbid_double_backward` makes differentiating them
 (second derivatives: ``create_graph=True`` followed by another backward, gradgradcheck) a clear error instead of
-the silent zeros autograd would otherwise use. First derivatives taken with ``create_graph=True`` still work.
+the wrong result autograd otherwise gives with only a warning. First derivatives taken with ``create_graph=True``
+still work.
 """
 from __future__ import annotations
 

@@ -91,6 +91,8 @@ def coalitions(batch: int, text_len: int, image_len: int, num_samples: int, seed
     Returns ``(text_in[K,B,T], image_in[K,B,V])`` bool, ``K = num_samples``: bit ``t`` of draw ``k``, pair ``b``
     comes from Philox4x32-10 with key (seed lo, seed hi) and counter ``(k, b, side, t // 128)`` (DESIGN §4.2).
     Computed by the compiled kernel when available (CPU or CUDA), else in plain PyTorch; the bits are identical.
+    A result larger than the device's memory (``num_samples·batch·(text_len + image_len)`` bools) is refused with
+    a ValueError before anything is allocated.
     """
     for name, value in (("batch", batch), ("text_len", text_len), ("image_len", image_len),
                         ("num_samples", num_samples)):
