@@ -4,6 +4,13 @@ Runs on any device without the extension and is differentiable by autograd. For 
 top-two maxima per row and column and the partial sums that give all four values of every token pair at once.
 The game splits into a text half (rows = text tokens, max over image members) and an image half (the same
 computation on the transposed similarity), so one function, :func:`_half_game`, serves both.
+
+Precision: a value without row i needs the leave-one-out sums Σ_{A∖i}. "Total minus own term" cancels when
+token i carries most of A's weight (with valid logits spanning 17, float32 keeps nothing of the other tokens). At
+most one member per draw can: the heaviest one, h. Every other member i has W_{A∖i} >= w_h >= w_i, so
+W_A <= 2·W_{A∖i} and total − own stays within a few roundings of its own scale; for h the sum is taken again
+without it. The float32 result thus keeps float32 precision over the whole allowed logit span
+(cbd_fast.banzhaf.MAX_WEIGHT_SPAN).
 """
 from __future__ import annotations
 
@@ -12,6 +19,17 @@ import torch
 from .reference.banzhaf import _draw_source, _msr, _prepare
 
 NEG_INF = float("-inf")
+
+
+def _leave_one_out(terms, heaviest, not_heaviest):
+    """``(Σ_r terms[r], Σ_{r' ≠ r} terms[r'] for every r)`` over the rows of ``terms[..., R, C]``: shapes
+    ``[..., 1, C]`` and ``[..., R, C]``. ``heaviest[..., 1, 1]`` indexes the member of largest weight and
+    ``not_heaviest[..., R]`` is 0 there, 1 elsewhere: that row's sum is taken without it, every other row's is the
+    total minus its own term (see the module docstring)."""
+    index = heaviest.expand(*terms.shape[:-2], 1, terms.shape[-1])
+    without_heaviest = torch.einsum("...rc,...r->...c", terms, not_heaviest).unsqueeze(-2)
+    total = without_heaviest + terms.gather(-2, index)
+    return total, (total - terms).scatter_(-2, index, without_heaviest)  # in place on a fresh tensor
 
 
 def _half_game(sim, row_w, row_in, col_in, row_valid):
@@ -46,23 +64,30 @@ def _half_game(sim, row_w, row_in, col_in, row_valid):
     join_w = torch.where(row_in, 0.0, row_w).unsqueeze(-1)  # weight i adds when it joins A
     max_without_j = torch.where(c_out_empty, 0.0, max_without_j)
     top1 = torch.where(c_empty, 0.0, top1)
-    sum_with_j = (member_w * max_with_j).sum(-2, keepdim=True)  # Σ_{t∈A} w_t r_t(C ∪ j)  [k,B,1,C]
-    sum_without_j = (member_w * max_without_j).sum(-2, keepdim=True)
-    sum_full = (member_w * top1).sum(-2, keepdim=True)  # [k,B,1,1]
-    total_w = member_w.sum(-2, keepdim=True)  # W_A  [k,B,1,1]
+    terms_with_j = member_w * max_with_j  # w_t r_t(C ∪ j) of the members  [k,B,R,C]
+    terms_without_j = member_w * max_without_j
+    terms_full = member_w * top1  # [k,B,R,1]
+    heaviest = member_w.argmax(-2, keepdim=True)  # [k,B,1,1]
+    not_heaviest = torch.ones_like(member_w.squeeze(-1)).scatter(-1, heaviest.squeeze(-1), 0.0)  # [k,B,R]
+    # Σ_{t∈A} and Σ_{t∈A∖i} of every term
+    sum_with_j, others_with_j = _leave_one_out(terms_with_j, heaviest, not_heaviest)  # [k,B,1,C], [k,B,R,C]
+    sum_without_j, others_without_j = _leave_one_out(terms_without_j, heaviest, not_heaviest)
+    sum_full, others_full = _leave_one_out(terms_full, heaviest, not_heaviest)  # [k,B,1,1], [k,B,R,1]
+    total_w, others_w = _leave_one_out(member_w, heaviest, not_heaviest)  # W_A, W_{A∖i}
     with_i_w = torch.where(row_valid.unsqueeze(-1), total_w + join_w, 1.0)  # W of A' ∪ i (guarded)
-    without_i_w = torch.where(a_out_empty, 1.0, total_w - member_w)  # W of A'
+    without_i_w = torch.where(a_out_empty, 1.0, others_w)  # W of A'
 
-    def f(col_sum, row_term, joined: bool, empty):
-        if joined:
-            return torch.where(empty, 0.0, (col_sum + join_w * row_term) / with_i_w)
-        return torch.where(empty, 0.0, (col_sum - member_w * row_term) / without_i_w)
+    def joined(col_sum, row_term, empty):  # f(A' ∪ i, ·)
+        return torch.where(empty, 0.0, (col_sum + join_w * row_term) / with_i_w)
+
+    def left_out(others, empty):  # f(A', ·) = Σ_{A∖i} terms / W_{A∖i}
+        return torch.where(empty, 0.0, others / without_i_w)
 
     no = torch.zeros((), dtype=torch.bool, device=sim.device)
-    second_difference = (f(sum_with_j, max_with_j, True, no) - f(sum_without_j, max_without_j, True, c_out_empty)
-                         - f(sum_with_j, max_with_j, False, a_out_empty)
-                         + f(sum_without_j, max_without_j, False, a_out_empty | c_out_empty))
-    row_effect = (f(sum_full, top1, True, c_empty) - f(sum_full, top1, False, a_out_empty | c_empty)).squeeze(-1)
+    second_difference = (joined(sum_with_j, max_with_j, no) - joined(sum_without_j, max_without_j, c_out_empty)
+                         - left_out(others_with_j, a_out_empty)
+                         + left_out(others_without_j, a_out_empty | c_out_empty))
+    row_effect = (joined(sum_full, top1, c_empty) - left_out(others_full, a_out_empty | c_empty)).squeeze(-1)
     safe_total = torch.where(a_empty, 1.0, total_w.squeeze(-1))
     col_effect = torch.where(a_empty, 0.0, (sum_with_j - sum_without_j).squeeze(-2) / safe_total)
     return second_difference, row_effect, col_effect

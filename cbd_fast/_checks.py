@@ -1,6 +1,8 @@
 """Argument checks shared by the public ops: every message names the argument and what was expected."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -57,3 +59,24 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
 def result_dtype(dtype: torch.dtype) -> torch.dtype:
     """Estimates and scores of half-precision inputs are accumulated and returned in float32."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (physical memory for the CPU), or None where it is not known (meta, others)."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+            return None
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def check_fits_in_memory(op: str, what: str, num_bytes: int, device: torch.device, advice: str) -> None:
+    """Refuses, before allocating, a result of ``num_bytes`` that ``device`` could never hold: with memory
+    overcommit the allocation itself may succeed and the process be killed while filling it."""
+    total = device_memory_bytes(device)
+    if total is not None and num_bytes > total:
+        raise ValueError(f"{op}: {what} needs {num_bytes / 2**30:.4g} GiB, more than the {total / 2**30:.4g} GiB of "
+                         f"{device} memory; {advice}")

@@ -9,6 +9,11 @@ signatures per family, so one registration function per family serves both:
 * ``maxsim_score`` + its ``_backward``: takes precomputed token coefficients, so its backward returns gradients for
   the features and the coefficients; the coefficients' own graph (softmax of the weight logits) is differentiated
   by autograd outside the op.
+
+The fused backward ops have no derivative of their own: :func:`forbid_double_backward` makes differentiating them
+(second derivatives: ``create_graph=True`` followed by another backward, gradgradcheck) a clear error instead of
+the wrong result autograd otherwise gives with only a warning. First derivatives taken with ``create_graph=True``
+still work.
 """
 from __future__ import annotations
 
@@ -22,6 +27,23 @@ def _op(qualified_name: str):
     """torch.ops.cbd_fast.<name> for ``"cbd_fast::<name>"`` (looked up when called, after registration)."""
     namespace, name = qualified_name.split("::")
     return getattr(getattr(torch.ops, namespace), name)
+
+
+def forbid_double_backward(backward_name: str, op_name: str) -> None:
+    """Registers an autograd formula for ``backward_name``, the fused backward of ``op_name``, that raises when a
+    second derivative reaches it. Without one, autograd treats the op's outputs as constants (it only warns), and
+    second derivatives come out wrong."""
+
+    def setup_context(ctx, inputs, output):
+        pass  # nothing to save: the formula only raises
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{op_name} has no second derivative: its backward is the fused kernel {backward_name}, which cannot be "
+            "differentiated again (create_graph=True followed by another backward, gradgradcheck). Use "
+            "backend='torch', which autograd differentiates to any order.")
+
+    torch.library.register_autograd(backward_name, backward, setup_context=setup_context)
 
 
 def register_banzhaf_op(op_name: str, backward_name: str) -> None:
@@ -52,6 +74,7 @@ def register_banzhaf_op(op_name: str, backward_name: str) -> None:
         return grad_sim, None, None, grad_text_weight, grad_image_weight, None, None, None
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    forbid_double_backward(backward_name, op_name)
 
 
 def register_from_tokens_op(op_name: str, sim_backward_name: str) -> None:
@@ -109,3 +132,4 @@ def register_maxsim_score_op(op_name: str, backward_name: str) -> None:
         return grad_text.to(text.dtype), grad_image.to(image.dtype), None, None, grad_alpha, grad_beta
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    forbid_double_backward(backward_name, op_name)

@@ -17,48 +17,74 @@ CPU_MAX_TOKENS = 4096  # kMaxTokens in csrc/cpu/banzhaf_cpu.cpp
 # Limits of the Triton and CUDA kernels (cbd_fast.kernels.banzhaf, csrc/cuda/banzhaf_cuda.cu): ViT-L/14@336 tokens.
 GPU_MAX_TEXT_TOKENS = 256
 GPU_MAX_IMAGE_TOKENS = 576
-# Widest span of a pair's valid weight logits (kMaxWeightSpan in csrc/cpu/banzhaf_cpu.cpp): beyond it the
-# leave-one-out sums lose precision. The C++ and CUDA launchers check it themselves; the Triton path checks here.
+# Widest span of a pair's valid weight logits (kMaxWeightSpan in csrc/banzhaf_common.h): beyond it the C++, CUDA and
+# Triton kernels' leave-one-out sums lose precision. Checked here for every backend (the compiled launchers check
+# again, for direct calls of the ops).
 MAX_WEIGHT_SPAN = 27.0
 
 
-def _check_arguments(shape, ref, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
-    """Checks the arguments of a game of ``shape = (B, T, V)`` on ``ref``'s device; returns them with defaults."""
+def _check_arguments(op: str, shape, ref, text_mask, image_mask, text_weight, image_weight, num_samples, seed,
+                     estimator):
+    """Checks the arguments of a game of ``shape = (B, T, V)`` (each >= 1) on ``ref``'s device; returns the masks and
+    weights with their defaults and the seed as int64. The scalars and the batch bound come first, so that nothing
+    of size B×(T+V) is allocated for a problem that is then refused."""
     batch, text_len, image_len = shape
-    if min(batch, text_len, image_len) < 1:
-        raise ValueError(f"sim must have B, T, V >= 1, got shape {tuple(shape)}")
-    text_mask = mask_or_default("text_mask", text_mask, (batch, text_len), ref, "[B,T]")
-    image_mask = mask_or_default("image_mask", image_mask, (batch, image_len), ref, "[B,V]")
-    text_weight = weight_or_default("text_weight", text_weight, (batch, text_len), ref, "[B,T]")
-    image_weight = weight_or_default("image_weight", image_weight, (batch, image_len), ref, "[B,V]")
     check_choice("estimator", estimator, ESTIMATORS)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int):
         raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
     if estimator != "exact" and not 0 < num_samples < 2**32:
-        raise ValueError(f"num_samples must be in [1, 2**32) for estimator={estimator!r}, got {num_samples}")
+        raise ValueError(f"num_samples must be in [1, 2**32) for estimator={estimator!r} (a 32-bit Philox counter "
+                         f"word), got {num_samples}")
+    seed64 = seed_as_int64(seed)
     if batch >= 2**32:
-        raise ValueError(f"sim batch must be < 2**32 (a 32-bit Philox counter word), got {batch}")
+        raise ValueError(f"{op}: the batch B must be < 2**32 (a 32-bit Philox counter word), got {batch}")
+    text_mask = mask_or_default("text_mask", text_mask, (batch, text_len), ref, "[B,T]")
+    image_mask = mask_or_default("image_mask", image_mask, (batch, image_len), ref, "[B,V]")
+    text_weight = weight_or_default("text_weight", text_weight, (batch, text_len), ref, "[B,T]")
+    image_weight = weight_or_default("image_weight", image_weight, (batch, image_len), ref, "[B,V]")
     if estimator == "exact":
+        if ref.device.type == "meta":
+            raise ValueError(f"{op}: estimator='exact' sizes its enumeration by each pair's number of valid tokens, "
+                             "which meta tensors do not carry (trace shapes with estimator='paired' or 'msr')")
         num_exact_draws(text_mask, image_mask)  # refuses pairs with more than 20 players
-    return text_mask, image_mask, text_weight, image_weight, seed_as_int64(seed)
+    return text_mask, image_mask, text_weight, image_weight, seed64
 
 
-def _check_values(op: str, sim, text_mask, image_mask, text_weight, image_weight) -> None:
-    """The value checks of the compiled launchers, for the Triton path: finite similarities (``sim`` may be None)
-    and finite valid weight logits spanning at most MAX_WEIGHT_SPAN within each pair."""
-    if sim is not None and not bool(torch.isfinite(sim).all()):
-        raise ValueError(f"{op}: sim must be finite")
-    for name, weight, mask in (("text_weight", text_weight, text_mask), ("image_weight", image_weight, image_mask)):
-        weight = weight.detach()
-        if not bool(torch.isfinite(weight.masked_fill(~mask, 0)).all()):
-            raise ValueError(f"{op}: {name} must be finite on valid tokens")
+def _check_values(op: str, inputs_name: str, inputs: tuple[torch.Tensor, ...], text_mask, image_mask, text_weight,
+                  image_weight) -> None:
+    """The value checks of the compiled kernels, for every backend, with one device-to-host copy: finite
+    ``inputs`` (the similarity, or the token features), finite valid weight logits spanning at most
+    MAX_WEIGHT_SPAN within each pair and, for token features (``inputs = (text, image)``), similarities that
+    cannot overflow their accumulation dtype. Meta tensors carry no values and are not checked."""
+    if text_mask.device.type == "meta":
+        return
+    flags = [torch.stack([torch.isfinite(x).all() for x in inputs]).all().double()]
+    for weight, mask in ((text_weight, text_mask), (image_weight, image_mask)):
+        weight = weight.detach().double()
+        flags.append(torch.isfinite(weight).logical_or(~mask).all().double())
         high = weight.masked_fill(~mask, float("-inf")).amax(1)
         low = weight.masked_fill(~mask, float("inf")).amin(1)
-        span = (high - low)[mask.any(1)]
-        if span.numel() and float(span.max()) > MAX_WEIGHT_SPAN:
-            raise ValueError(f"{op}: the valid {name} logits of a pair span {float(span.max()):.3g} > "
-                             f"{MAX_WEIGHT_SPAN:g}; beyond that the leave-one-out sums lose precision (bound the "
-                             "logits, e.g. with a scaled tanh)")
+        flags.append(torch.where(mask.any(1), high - low, 0.0).amax())
+    if len(inputs) == 2:  # |text_t · image_u| <= |text_t|·|image_u| (Cauchy-Schwarz): the largest product of norms
+        flags += [torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64).amax(-1) for x in inputs]
+    finite, text_finite, text_span, image_finite, image_span, *norms = torch.cat(
+        [f.reshape(-1) for f in flags]).tolist()
+    if not finite:
+        raise ValueError(f"{op}: {inputs_name} must be finite")
+    for name, weight_finite, span in (("text_weight", text_finite, text_span),
+                                      ("image_weight", image_finite, image_span)):
+        if not weight_finite:
+            raise ValueError(f"{op}: {name} must be finite on valid tokens")
+        if span > MAX_WEIGHT_SPAN:
+            raise ValueError(f"{op}: the valid {name} logits of a pair span {span:.3g} > {MAX_WEIGHT_SPAN:g}; beyond "
+                             "that the leave-one-out sums lose precision (bound the logits, e.g. with a scaled tanh)")
+    if norms:
+        batch = len(norms) // 2
+        bound = max(a * b for a, b in zip(norms[:batch], norms[batch:]))
+        dtype = result_dtype(inputs[0].dtype)
+        if not bound <= torch.finfo(dtype).max / 2:
+            raise ValueError(f"{op}: text and image token norms up to {max(norms[:batch]):.3g} and "
+                             f"{max(norms[batch:]):.3g} let text·imageᵀ overflow {dtype} (scale the features down)")
 
 
 def _choose_backend(backend: str, device: torch.device, op: str, text_len: int, image_len: int,
@@ -101,12 +127,27 @@ def banzhaf_interaction(sim: torch.Tensor, text_mask: torch.Tensor | None = None
 
     Returns:
         :class:`BanzhafResult` ``(interaction[B,T,V], text_value[B,T], image_value[B,V])``, float32 for half
-        inputs, else ``sim.dtype``. Differentiable w.r.t. ``sim`` and both weights.
+        inputs, else ``sim.dtype``. Differentiable w.r.t. ``sim`` and both weights (to any order with
+        ``backend="torch"``; the compiled kernels give first derivatives).
+
+    Raises:
+        ValueError / TypeError naming the argument: wrong types, shapes, dtypes or devices; non-finite ``sim``;
+        non-finite valid weight logits or ones spanning more than MAX_WEIGHT_SPAN (27) within a pair.
     """
     check_float_tensor("sim", sim, 3, "[B,T,V]")
+    if min(sim.shape) < 1:
+        raise ValueError(f"sim must have B, T, V >= 1, got shape {tuple(sim.shape)}")
+    op = "banzhaf_interaction"
+    chosen = _choose_backend(backend, sim.device, op, sim.shape[1], sim.shape[2], estimator)
     text_mask, image_mask, text_weight, image_weight, seed64 = _check_arguments(
-        sim.shape, sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator)
-    chosen = _choose_backend(backend, sim.device, "banzhaf_interaction", sim.shape[1], sim.shape[2], estimator)
+        op, sim.shape, sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator)
+    _check_values(op, "sim", (sim,), text_mask, image_mask, text_weight, image_weight)
+    return _run(chosen, sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, seed64, estimator)
+
+
+def _run(chosen: str, sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, seed64,
+         estimator) -> BanzhafResult:
+    """The estimate of checked arguments on backend ``chosen``."""
     if chosen == "torch":
         result = _banzhaf_torch.banzhaf_interaction(sim, text_mask, image_mask, text_weight, image_weight,
                                                      num_samples, seed, estimator)
@@ -117,7 +158,6 @@ def banzhaf_interaction(sim: torch.Tensor, text_mask: torch.Tensor | None = None
     if chosen == "triton":
         from . import _triton_ops
 
-        _check_values("banzhaf_interaction", sim, text_mask, image_mask, text_weight, image_weight)
         return BanzhafResult(*_triton_ops.banzhaf_interaction(*args))
     return BanzhafResult(*torch.ops.cbd_fast.banzhaf_interaction(*args))  # C++ (CPU) or CUDA, by dispatch key
 
@@ -133,6 +173,8 @@ def banzhaf_interaction_from_tokens(text: torch.Tensor, image: torch.Tensor, tex
     text ``[B,T,D]``, image ``[B,V,D]`` (same B and D; features are used as given, not normalised). Gradients flow
     to both feature tensors and the weights. The GPU kernels compute each pair's similarity inside the fused pass
     (fp32 accumulation for half inputs); on CPU and with ``backend="torch"`` it is one batched GEMM feeding the pass.
+    Besides the checks of :func:`banzhaf_interaction`, text and image must be finite and their token norms small
+    enough that no similarity overflows (|text_t·image_u| <= |text_t|·|image_u| < half the dtype's maximum).
     """
     check_float_tensor("text", text, 3, "[B,T,D]")
     check_float_tensor("image", image, 3, "[B,V,D]")
@@ -142,24 +184,26 @@ def banzhaf_interaction_from_tokens(text: torch.Tensor, image: torch.Tensor, tex
                          f"{tuple(image.shape)}")
     if text.dtype != image.dtype:
         raise TypeError(f"text and image must have one dtype, got {text.dtype} and {image.dtype}")
+    if min(text.shape[:2]) < 1 or image.shape[1] < 1:
+        raise ValueError(f"text [B,T,D] and image [B,V,D] must have B, T, V >= 1, got {tuple(text.shape)} and "
+                         f"{tuple(image.shape)}")
+    op = "banzhaf_interaction_from_tokens"
     shape = (text.shape[0], text.shape[1], image.shape[1])
-    chosen = _choose_backend(backend, text.device, "banzhaf_interaction_from_tokens", shape[1], shape[2],
-                             estimator)
-    if chosen in ("triton", "cuda"):
-        text_mask, image_mask, text_weight, image_weight, seed64 = _check_arguments(
-            shape, text, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator)
+    chosen = _choose_backend(backend, text.device, op, shape[1], shape[2], estimator)
+    text_mask, image_mask, text_weight, image_weight, seed64 = _check_arguments(
+        op, shape, text, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator)
+    _check_values(op, "text and image", (text, image), text_mask, image_mask, text_weight, image_weight)
+    if chosen in ("triton", "cuda") and text.shape[2] > 0:
         args = (text.contiguous(), image.contiguous(), text_mask.contiguous(), image_mask.contiguous(),
                 text_weight.contiguous(), image_weight.contiguous(), num_samples, seed64, estimator)
         if chosen == "triton":
             from . import _triton_ops
 
-            _check_values("banzhaf_interaction_from_tokens", None, text_mask, image_mask, text_weight, image_weight)
             return BanzhafResult(*_triton_ops.banzhaf_interaction_from_tokens(*args))
         return BanzhafResult(*torch.ops.cbd_fast.banzhaf_interaction_from_tokens(*args))
     dtype = result_dtype(text.dtype)
-    sim = torch.bmm(text.to(dtype), image.to(dtype).transpose(1, 2))
-    return banzhaf_interaction(sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed,
-                               estimator, chosen)
+    sim = torch.bmm(text.to(dtype), image.to(dtype).transpose(1, 2))  # finite: the norm check bounds it
+    return _run(chosen, sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, seed64, estimator)
 
 
 # --- torch.library registration: shapes for tracing, and the fused backward ---------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_fits_in_memory
 from ._ops import has_extension
 
 _MASK32 = 0xFFFFFFFF
@@ -44,6 +45,18 @@ def _check_seed(seed) -> int:
     return seed
 
 
+def _check_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch.device or a device string such as 'cpu', got {device!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but no CUDA device is available")
+    return device
+
+
 def seed_as_int64(seed: int) -> int:
     """The seed's 64 bits as a signed int64 (what the compiled ops take)."""
     seed = _check_seed(seed)
@@ -78,6 +91,8 @@ def coalitions(batch: int, text_len: int, image_len: int, num_samples: int, seed
     Returns ``(text_in[K,B,T], image_in[K,B,V])`` bool, ``K = num_samples``: bit ``t`` of draw ``k``, pair ``b``
     comes from Philox4x32-10 with key (seed lo, seed hi) and counter ``(k, b, side, t // 128)`` (DESIGN §4.2).
     Computed by the compiled kernel when available (CPU or CUDA), else in plain PyTorch; the bits are identical.
+    A result larger than the device's memory (``num_samples·batch·(text_len + image_len)`` bools) is refused with
+    a ValueError before anything is allocated.
     """
     for name, value in (("batch", batch), ("text_len", text_len), ("image_len", image_len),
                         ("num_samples", num_samples)):
@@ -86,7 +101,10 @@ def coalitions(batch: int, text_len: int, image_len: int, num_samples: int, seed
     if num_samples >= 2**32 or batch >= 2**32:
         raise ValueError("num_samples and batch must be < 2**32 (they are 32-bit Philox counter words)")
     seed = _check_seed(seed)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = _check_device(device)
+    size = num_samples * batch * (text_len + image_len)
+    check_fits_in_memory("coalitions", f"the result (num_samples·batch·(text_len + image_len) = {size} bools)", size,
+                         device, "ask for fewer num_samples or a smaller batch at a time")
     if has_extension() and (device.type == "cpu" or (device.type == "cuda" and _has_cuda_kernels())):
         text_in = torch.empty((num_samples, batch, text_len), dtype=torch.bool, device=device)
         image_in = torch.empty((num_samples, batch, image_len), dtype=torch.bool, device=device)

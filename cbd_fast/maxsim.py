@@ -13,7 +13,7 @@ import torch
 from ._backend import resolve_backend, within_kernel_limits
 from ._checks import (check_choice, check_float_tensor, check_same_device, mask_or_default, result_dtype,
                       weight_or_default)
-from ._gpu_autograd import register_maxsim_score_op
+from ._gpu_autograd import forbid_double_backward, register_maxsim_score_op
 from ._ops import has_extension
 
 REDUCTIONS = ("wti", "sum", "mean")
@@ -46,9 +46,11 @@ def maxsim(text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor | No
 
     Returns:
         ``score[Bt, Bi]`` in the features' dtype (float32 for half-precision features). Invalid tokens never
-        enter a max or a sum; a pair whose text or image has no valid token scores 0. Ties in a max go to the
-        lowest token index, which is also the one entry the gradient flows through. Differentiable w.r.t.
-        ``text``, ``image`` and both weights.
+        enter a max or a sum, whatever values they hold; a pair whose text or image has no valid token (or
+        T, V or D = 0) scores 0. Non-finite values on valid tokens propagate into the scores they reach. Ties
+        in a max go to the lowest token index, which is also the one entry the gradient flows through.
+        Differentiable w.r.t. ``text``, ``image`` and both weights (to any order with ``backend="torch"``; the
+        compiled kernels give first derivatives).
     """
     check_float_tensor("text", text, 3, "[Bt, T, D]")
     check_float_tensor("image", image, 3, "[Bi, V, D]")
@@ -74,6 +76,7 @@ def maxsim(text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor | No
                       f"D <= {GPU_MAX_DIM}, got T={text_len}, V={image_len}, D={dim}")
         chosen = within_kernel_limits(chosen, backend, "maxsim", reason)
     if chosen in ("triton", "cuda"):
+        text, image = _zero_invalid_tokens(text, text_mask), _zero_invalid_tokens(image, image_mask)
         dtype = result_dtype(text.dtype)
         # The coefficients (softmax of the logits for "wti") stay in autograd's hands; the kernels take them as
         # given and return their gradients.
@@ -105,9 +108,22 @@ def token_coefficients(weight: torch.Tensor, mask: torch.Tensor, reduction: str,
     return torch.softmax(logits, dim=-1) * mask_f
 
 
+def _zero_invalid_tokens(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``features[B, L, D]`` with the invalid tokens' rows set to 0, for the backends that multiply every token:
+    whatever an invalid token holds (NaN, inf) then gives a finite similarity for the mask to exclude, and
+    0 · its features in a gradient stays 0. Their gradient is 0."""
+    return torch.where(mask.unsqueeze(-1), features, 0.0)
+
+
 def _exclusion_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 on valid tokens, -inf on invalid ones: ``[B, L]`` in ``dtype``."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def _max_over(sim: torch.Tensor, dim: int) -> torch.Tensor:
+    """``sim.max(dim).values``, and over an empty ``dim`` (T or V = 0) the empty sum: those entries have no valid
+    token and become 0 anyway, and the result stays in the graph, so gradients come back as zeros."""
+    return sim.max(dim=dim).values if sim.shape[dim] else sim.sum(dim)
 
 
 def _maxsim_torch(text, image, text_mask, image_mask, text_weight, image_weight, reduction):
@@ -122,23 +138,24 @@ def _maxsim_torch(text, image, text_mask, image_mask, text_weight, image_weight,
     num_images, image_len, _ = image.shape
     alpha = token_coefficients(text_weight, text_mask, reduction, dtype)  # [Bt, T]
     beta = token_coefficients(image_weight, image_mask, reduction, dtype)  # [Bi, V]
-    image_tokens = image.to(dtype).reshape(num_images * image_len, dim)
-    image_nonempty = image_mask.any(-1)  # [Bi]
     # Invalid tokens are excluded by adding -inf to their similarities: an addition saves nothing for the
     # backward, where masked_fill would keep a [c, T, Bi, V] bool mask per block alive.
+    text = _zero_invalid_tokens(text.to(dtype), text_mask)
+    image_tokens = _zero_invalid_tokens(image.to(dtype), image_mask).reshape(num_images * image_len, dim)
+    image_nonempty = image_mask.any(-1)  # [Bi]
     text_bias, image_bias = _exclusion_bias(text_mask, dtype), _exclusion_bias(image_mask, dtype)
     block = max(1, TORCH_BLOCK_ELEMENTS // max(1, num_images * text_len * image_len))
     scores = []
     for start in range(0, num_texts, block):
         stop = min(start + block, num_texts)
         text_valid = text_mask[start:stop]  # [c, T]
-        sim = (text[start:stop].to(dtype).reshape(-1, dim) @ image_tokens.T).view(
+        sim = (text[start:stop].reshape((stop - start) * text_len, dim) @ image_tokens.T).view(
             stop - start, text_len, num_images, image_len)  # [c, T, Bi, V]
         sim = (sim + text_bias[start:stop, :, None, None]).add_(image_bias)  # in place on a fresh tensor
         # Maxima over valid tokens only; the first maximum wins ties. Entries without any valid token are -inf
         # and are replaced by 0 before they meet a weight (0 · -inf would be NaN).
-        text_max = sim.max(dim=3).values  # [c, T, Bi]: best image token of each text token
-        image_max = sim.max(dim=1).values  # [c, Bi, V]: best text token of each image token
+        text_max = _max_over(sim, 3)  # [c, T, Bi]: best image token of each text token
+        image_max = _max_over(sim, 1)  # [c, Bi, V]: best text token of each image token
         text_max = torch.where(text_valid[:, :, None] & image_nonempty, text_max, 0.0)
         image_max = torch.where(text_valid.any(-1)[:, None, None] & image_mask, image_max, 0.0)
         text_term = torch.einsum("ct,ctb->cb", alpha[start:stop], text_max)
@@ -190,6 +207,7 @@ def _register_abstract_and_autograd() -> None:
         return grad_text, grad_image, None, None, grad_text_weight, grad_image_weight, None
 
     torch.library.register_autograd("cbd_fast::maxsim_forward", _backward, setup_context=_setup_context)
+    forbid_double_backward("cbd_fast::maxsim_backward", "cbd_fast::maxsim_forward")
 
     if hasattr(torch.ops.cbd_fast, "maxsim_score"):  # the CUDA kernels' op (no CPU kernel)
         register_maxsim_score_op("cbd_fast::maxsim_score", "cbd_fast::maxsim_score_backward")

@@ -4,11 +4,10 @@ Triton lowers a kernel to PTX on any machine; its bundled ``ptxas -v`` then repo
 spill bytes for the target. Used by the CI check that no kernel spills (``python -m cbd_fast.kernels._compile``
 prints one JSON line per kernel configuration) and by the benchmarks' context.
 
-Kernel modules list what to check in ``compile_specs()``: a list of :class:`CompileSpec`.
+Kernel modules list what to check in ``compile_specs()``: a list of :class:`~._spec.CompileSpec`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -17,19 +16,9 @@ import sys
 import tempfile
 from typing import Any
 
+from ._spec import CompileSpec
+
 SM90 = 90
-
-
-@dataclasses.dataclass(frozen=True)
-class CompileSpec:
-    """One kernel configuration: ``signature`` maps every argument to a Triton type (``"*fp32"``, ``"i32"``,
-    ``"constexpr"``...), ``constexprs`` gives the constexpr values."""
-    name: str
-    kernel: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any]
-    num_warps: int = 4
-    num_stages: int = 2
 
 
 def _ptxas() -> str:

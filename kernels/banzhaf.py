@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._compile import CompileSpec
+from ._spec import CompileSpec
 
 MAX_TEXT_TOKENS = 256  # T limit
 MAX_IMAGE_TOKENS = 576  # V limit (ViT-L/14@336)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._compile import CompileSpec
+from ._spec import CompileSpec
 
 MAX_TEXT_TOKENS = 256
 MAX_IMAGE_TOKENS = 576

@@ -1,4 +1,8 @@
 """Semantics of banzhaf_interaction: exact enumeration, backend parity, gradients, edge cases, bad input."""
+import functools
+import subprocess
+import sys
+
 import pytest
 import torch
 from brute_force import exact_banzhaf
@@ -8,6 +12,9 @@ import cbd_fast
 from cbd_fast import reference
 
 BACKENDS = [pytest.param("cpu", marks=requires_extension), "torch"]
+# every backend that runs without a GPU (Triton under its interpreter)
+ALL_CPU_BACKENDS = BACKENDS + [pytest.param("triton", marks=pytest.mark.skipif(
+    not cbd_fast.build_info()["triton"], reason="triton not installed"))]
 
 
 def brute_force_batch(sim, text_mask, image_mask, text_weight, image_weight):
@@ -263,23 +270,116 @@ def test_bad_input_is_a_clear_error(mutate, error, match):
         cbd_fast.banzhaf_interaction(**args)
 
 
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_every_backend_refuses_non_finite_values_and_wide_weight_spans(backend, kernel_device):
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    sim, text_mask, image_mask, text_weight, image_weight = (
+        x.to(device) for x in random_game(2, 4, 5, dtype=torch.float32, seed=1, masked=False))
+    run = functools.partial(cbd_fast.banzhaf_interaction, num_samples=4, backend=backend)
+    for value in (float("nan"), float("inf")):
+        bad = sim.clone()
+        bad[1, 2, 3] = value
+        with pytest.raises(ValueError, match="banzhaf_interaction: sim must be finite"):
+            run(bad)
+    for name, weight in (("text_weight", text_weight), ("image_weight", image_weight)):
+        bad = weight.clone()
+        bad[1, 0] = float("nan")
+        with pytest.raises(ValueError, match=f"{name} must be finite on valid tokens"):
+            run(sim, **{name: bad})
+        wide = weight.clone()
+        wide[1] = torch.linspace(-20.0, 7.01, weight.shape[1])  # e^27 between two tokens: leave-one-out territory
+        with pytest.raises(ValueError, match=f"valid {name} logits of a pair span 27 > 27"):
+            run(sim, **{name: wide})
+    # what lies on padding tokens is not part of the game
+    text_mask = text_mask.clone()
+    text_mask[0, 0] = False
+    padded = text_weight.clone()
+    padded[0, 0] = float("nan")
+    assert torch.isfinite(run(sim, text_mask=text_mask, text_weight=padded).interaction).all()
+    padded[0, 0] = 100.0
+    assert torch.isfinite(run(sim, text_mask=text_mask, text_weight=padded).interaction).all()
+    at_limit = text_weight.clone()
+    at_limit[1] = torch.linspace(-20.0, 7.0, text_weight.shape[1])
+    assert torch.isfinite(run(sim, text_weight=at_limit).interaction).all()
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_from_tokens_refuses_non_finite_features_and_overflowing_similarities(backend, kernel_device):
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    text, image = torch.randn(2, 3, 4, device=device), torch.randn(2, 5, 4, device=device)
+    run = functools.partial(cbd_fast.banzhaf_interaction_from_tokens, num_samples=4, backend=backend)
+    bad = image.clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="banzhaf_interaction_from_tokens: text and image must be finite"):
+        run(text, bad)
+    huge_text, huge_image = text.clone(), image.clone()
+    huge_text[0, 1], huge_image[0, 2] = 1e20, 1e20  # finite, but their product is not in float32
+    with pytest.raises(ValueError, match="text·imageᵀ overflow torch.float32"):
+        run(huge_text, huge_image)
+    assert torch.isfinite(run(huge_text.double(), huge_image.double()).interaction).all()  # float64 holds it
+
+
 @requires_extension
-def test_cpu_kernel_refuses_non_finite_input_and_extreme_weight_spans():
+def test_compiled_op_checks_values_itself():
+    """The public functions check values for every backend; the registered op keeps its own checks for direct
+    calls."""
     sim, text_mask, image_mask, text_weight, image_weight = random_game(2, 4, 5, seed=1, masked=False)
     bad = sim.clone()
     bad[1, 2, 3] = float("nan")
     with pytest.raises(RuntimeError, match="sim must be finite"):
-        cbd_fast.banzhaf_interaction(bad, num_samples=4, backend="cpu")
-    wide = text_weight.clone()
-    wide[0, 0] = 40.0  # e^40 of one token against O(1) others: leave-one-out sums would cancel
-    with pytest.raises(RuntimeError, match="text_weight logits of a pair span"):
-        cbd_fast.banzhaf_interaction(sim, text_weight=wide, num_samples=4, backend="cpu")
-    masked_wide = wide.clone()
-    text_mask = torch.ones(2, 4, dtype=torch.bool)
-    text_mask[0, 0] = False  # the extreme logit is on a padding token: not part of the game
-    out = cbd_fast.banzhaf_interaction(sim, text_mask=text_mask, text_weight=masked_wide, num_samples=4,
-                                       backend="cpu")
-    assert torch.isfinite(out.interaction).all()
+        torch.ops.cbd_fast.banzhaf_interaction(bad, text_mask, image_mask, text_weight, image_weight, 4, 0,
+                                               "paired")
+
+
+def _skewed_game(span: float, kind: str, seed: int):
+    """fp32 game whose valid weight logits span exactly ``span`` in every pair: ``spread`` logits uniform in
+    [0, span]; ``dominant`` one token per side at ``span`` and all others at 0, the case where leave-one-out sums
+    by subtraction cancel. Returns (float32 inputs, float64 copies of the same values)."""
+    batch, text_len, image_len = 4, 6, 7
+    gen = torch.Generator().manual_seed(seed)
+    sim = torch.randn(batch, text_len, image_len, generator=gen)
+    weights = []
+    for length in (text_len, image_len):
+        if kind == "spread":
+            logits = torch.rand(batch, length, generator=gen) * span
+            logits[:, 0], logits[:, 1] = 0.0, span
+        else:
+            logits = torch.zeros(batch, length)
+            logits[torch.arange(batch), torch.randint(0, length, (batch,), generator=gen)] = span
+        weights.append(logits)
+    return (sim, *weights), tuple(x.double() for x in (sim, *weights))
+
+
+# Error bounds, relative to the largest output of the reference, that each backend meets in float32 at each span.
+# The C++ kernel's leave-one-out sums are a float64 total minus the own term (csrc/banzhaf_common.h): near the span
+# limit that keeps about 1e-4 relative precision in the sums, which shows up at 27. The torch backend takes the
+# heaviest member's sum without subtracting (cbd_fast/_banzhaf_torch.py) and keeps float32 precision throughout.
+SPAN_TOLERANCE = {"torch": lambda span: (1e-6, 1e-5), "cpu": lambda span: (1e-6, 1e-5) if span < 27 else (1e-4, 1e-3)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["spread", "dominant"])
+@pytest.mark.parametrize("span", [0.0, 12.0, 20.0, 27.0])
+def test_float32_accuracy_over_the_weight_logit_span(backend, kind, span):
+    forward_tol, gradient_tol = SPAN_TOLERANCE[backend](span)
+    game32, game64 = _skewed_game(span, kind, seed=int(span))
+    gen = torch.Generator().manual_seed(1)
+    cotangents = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((4, 6, 7), (4, 6), (4, 7))]
+
+    def run(fn, sim, text_weight, image_weight):
+        inputs = [x.clone().requires_grad_() for x in (sim, text_weight, image_weight)]
+        out = fn(inputs[0], None, None, inputs[1], inputs[2], num_samples=64, seed=3)
+        grads = torch.autograd.grad(sum((o * c.to(o.dtype)).sum() for o, c in zip(out, cotangents)), inputs)
+        return [o.detach() for o in out], grads
+
+    expected, expected_grads = run(reference.banzhaf_interaction, *game64)
+    actual, actual_grads = run(functools.partial(cbd_fast.banzhaf_interaction, backend=backend), *game32)
+    for name, a, e, tol in [*zip(("interaction", "text_value", "image_value"), actual, expected, [forward_tol] * 3),
+                            *zip(("grad sim", "grad text_weight", "grad image_weight"), actual_grads,
+                                 expected_grads, [gradient_tol] * 3)]:
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+        error = float((a.double() - e).abs().max() / e.abs().max())
+        assert error <= tol, f"{name}: error {error:.2e} of the largest entry > {tol:.0e} at span {span}"
 
 
 @requires_extension
@@ -301,21 +401,61 @@ def test_backend_that_cannot_run_says_why():
 
 
 @pytest.mark.skipif(not cbd_fast.build_info()["triton"], reason="triton not installed")
-def test_triton_path_refuses_what_the_compiled_kernels_refuse(kernel_device):
-    sim = torch.zeros(2, 3, 4, device=kernel_device)
-    wide = torch.zeros(2, 3, device=kernel_device)
-    wide[1, 0] = 30.0
-    with pytest.raises(ValueError, match="text_weight logits of a pair span 30"):
-        cbd_fast.banzhaf_interaction(sim, text_weight=wide, num_samples=4, backend="triton")
-    with pytest.raises(ValueError, match="sim must be finite"):
-        cbd_fast.banzhaf_interaction(torch.full((1, 2, 2), float("nan"), device=kernel_device), backend="triton")
+def test_triton_refuses_the_exact_estimator(kernel_device):
     with pytest.raises(ValueError, match="exact"):
-        cbd_fast.banzhaf_interaction(sim, estimator="exact", backend="triton")
+        cbd_fast.banzhaf_interaction(torch.zeros(2, 3, 4, device=kernel_device), estimator="exact", backend="triton")
 
 
 def test_from_tokens_shape_mismatch():
     with pytest.raises(ValueError, match="agree in B and D"):
         cbd_fast.banzhaf_interaction_from_tokens(torch.randn(2, 3, 8), torch.randn(2, 4, 7))
+
+
+@pytest.mark.parametrize("text_shape,image_shape", [((2, 0, 4), (2, 3, 4)), ((2, 3, 4), (2, 0, 4)),
+                                                    ((0, 3, 4), (0, 5, 4))])
+def test_from_tokens_without_tokens_names_its_arguments(text_shape, image_shape):
+    with pytest.raises(ValueError, match=r"text \[B,T,D\] and image \[B,V,D\] must have B, T, V >= 1"):
+        cbd_fast.banzhaf_interaction_from_tokens(torch.randn(text_shape), torch.randn(image_shape))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_tokens_with_no_feature_dimension_is_the_zero_game(backend):
+    out = cbd_fast.banzhaf_interaction_from_tokens(torch.randn(2, 3, 0), torch.randn(2, 4, 0), num_samples=8,
+                                                   backend=backend)
+    assert all(torch.equal(x, torch.zeros_like(x)) for x in out)
+
+
+def _run_with_memory_cap(code: str, headroom: int = 2**30) -> subprocess.CompletedProcess:
+    """Runs ``code`` after ``import torch, cbd_fast`` in a fresh interpreter whose address space may grow by at
+    most ``headroom`` bytes: an allocation of several GiB fails there instead of filling this machine."""
+    prelude = ("import resource, torch, cbd_fast\n"
+               "size = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+               f"resource.setrlimit(resource.RLIMIT_AS, (size + {headroom}, size + {headroom}))\n")
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("call", [
+    "cbd_fast.banzhaf_interaction(torch.zeros(1, 1, 1).expand(2**32, 1, 1), num_samples=1)",
+    "cbd_fast.banzhaf_interaction_from_tokens(torch.zeros(1, 1, 1).expand(2**32, 1, 1), "
+    "torch.zeros(1, 1, 1).expand(2**32, 1, 1), num_samples=1)",
+], ids=["sim", "from_tokens"])
+def test_batch_limit_is_checked_before_any_allocation_of_its_size(call):
+    """A batch of 2**32 pairs (a stride-0 view: no memory) is refused before the default masks and weights,
+    B×(T+V) each (40 GiB here), are allocated."""
+    result = _run_with_memory_cap(f"try:\n    {call}\nexcept ValueError as error:\n    print(error)\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the batch B must be < 2**32" in result.stdout
+
+
+def test_meta_tensors_trace_shapes_and_refuse_the_exact_estimator():
+    sim = torch.empty(2, 3, 4, device="meta")
+    out = cbd_fast.banzhaf_interaction(sim, num_samples=8)
+    assert [tuple(x.shape) for x in out] == [(2, 3, 4), (2, 3), (2, 4)] and out.interaction.is_meta
+    with pytest.raises(ValueError, match="estimator='exact'.*meta tensors"):
+        cbd_fast.banzhaf_interaction(sim, estimator="exact")
+    with pytest.raises(ValueError, match="estimator='exact'.*meta tensors"):
+        cbd_fast.banzhaf_interaction_from_tokens(torch.empty(2, 3, 8, device="meta"),
+                                                 torch.empty(2, 4, 8, device="meta"), estimator="exact")
 
 
 @pytest.mark.skipif(not cbd_fast.build_info()["triton"], reason="triton not installed")

@@ -69,6 +69,11 @@ def test_coalition_bits_are_fair_and_seed_dependent():
     (dict(batch=1, text_len=2, image_len=2, num_samples=0), "num_samples"),
     (dict(batch=1, text_len=2, image_len=2, num_samples=1, seed=-1), "seed"),
     (dict(batch=1, text_len=2.0, image_len=2, num_samples=1), "text_len"),
+    (dict(batch=1, text_len=2, image_len=2, num_samples=2**32), "num_samples and batch must be < 2\\*\\*32"),
+    (dict(batch=2**20, text_len=2**20, image_len=1, num_samples=2**20), r"needs 1\.074e\+09 GiB, more than the"),
+    (dict(batch=1, text_len=2, image_len=2, num_samples=1, device="gpu0"), "device must be a torch.device"),
+    pytest.param(dict(batch=1, text_len=2, image_len=2, num_samples=1, device="cuda"), "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")),
 ])
 def test_coalitions_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

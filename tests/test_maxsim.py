@@ -27,8 +27,8 @@ def make_inputs(num_texts=5, text_len=6, num_images=4, image_len=7, dim=16, dtyp
     image = torch.randn(num_images, image_len, dim, generator=gen, dtype=torch.float64).to(dtype)
     text_mask = torch.rand(num_texts, text_len, generator=gen) > 0.3
     image_mask = torch.rand(num_images, image_len, generator=gen) > 0.3
-    text_mask[:, 0] = True  # every other row keeps at least one valid token
-    image_mask[:, -1] = True
+    text_mask[:, :1] = True  # every other row keeps at least one valid token (if it has a token)
+    image_mask[:, -1:] = True
     if empty_text is not None:
         text_mask[empty_text] = False
     if empty_image is not None:
@@ -265,6 +265,38 @@ def test_empty_batches(backend):
     text, image = torch.randn(0, 3, 4), torch.randn(2, 5, 4)
     assert cbd_fast.maxsim(text, image, backend=backend).shape == (0, 2)
     assert cbd_fast.maxsim(image, text, backend=backend).shape == (2, 0)
+
+
+WITHOUT_GPU = [*BACKENDS, pytest.param("triton", marks=pytest.mark.skipif(not cbd_fast.build_info()["triton"],
+                                                                          reason="triton not installed"))]
+
+
+@pytest.mark.parametrize("backend", WITHOUT_GPU)
+@pytest.mark.parametrize("text_len,image_len,dim", [(0, 3, 4), (3, 0, 4), (3, 4, 0), (0, 0, 4)])
+def test_no_tokens_or_no_features_give_zero_scores_and_gradients(backend, text_len, image_len, dim, kernel_device):
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    inputs = [x.to(device) for x in make_inputs(2, text_len, 3, image_len, dim, dtype=torch.float32)]
+    score, grads = score_and_grads(cbd_fast.maxsim, *inputs, backend=backend)
+    assert score.shape == (2, 3) and torch.equal(score, torch.zeros_like(score))
+    for grad, leaf in zip(grads, (inputs[0], inputs[1], inputs[4], inputs[5])):
+        assert grad.shape == leaf.shape and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", WITHOUT_GPU)
+def test_whatever_invalid_tokens_hold_changes_nothing(backend, kernel_device):
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    inputs = [x.to(device) for x in make_inputs(dtype=torch.float32, empty_text=2, empty_image=1)]
+    text, image, text_mask, image_mask, text_weight, image_weight = inputs
+    expected, expected_grads = score_and_grads(cbd_fast.maxsim, *inputs, backend=backend)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        dirty = [x.clone() for x in (text, image, text_weight, image_weight)]
+        for x, mask in zip(dirty, (text_mask, image_mask, text_mask, image_mask)):
+            x[~mask] = value
+        score, grads = score_and_grads(cbd_fast.maxsim, dirty[0], dirty[1], text_mask, image_mask, dirty[2],
+                                       dirty[3], backend=backend)
+        torch.testing.assert_close(score, expected, rtol=0, atol=0)
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
 
 
 def test_opcheck_forward_and_backward():

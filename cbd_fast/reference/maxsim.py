@@ -17,7 +17,7 @@ def token_weights(weight: torch.Tensor, mask: torch.Tensor, reduction: str) -> t
     "wti": exp(w) / Σ_valid exp(w); "sum": 1; "mean": 1 / number of valid tokens.
     """
     valid = mask.to(weight.dtype)
-    if reduction == "sum":
+    if reduction == "sum" or mask.shape[-1] == 0:  # no tokens (L = 0): nothing to weight
         return valid
     if reduction == "mean":
         return valid / valid.sum(-1, keepdim=True).clamp_min(1)
@@ -35,6 +35,8 @@ def masked_max(values: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Ten
 
     Taken with argmax + gather so that ties go to the lowest index and the gradient reaches that one entry.
     """
+    if values.shape[dim] == 0:  # no token at all (T or V = 0): the empty sum, 0
+        return values.sum(dim)
     masked = values.masked_fill(~valid, NEG_INF)
     index = masked.argmax(dim, keepdim=True)
     best = masked.gather(dim, index).squeeze(dim)
