@@ -27,21 +27,10 @@ DEFAULTS: dict[str, Any] = {
         "prompt_query": "old_model",  # prompt-pool queries from the frozen previous-task model, or "prompt_free"
         "replay": {"strategy": "reservoir", "size": 128, "batch_size": 16},  # strategy: reservoir | per_task | none
     },
-    "loss": {
-        "method": "cbd",  # cbd | finetune (finetune turns every distillation term off)
-        "sample": 1.0,  # λ_s
-        "sample_temperature": 0.05,
-        "token": 1.0,  # λ_tok
-        "token_kind": "mse",  # mse | kl
-        "token_temperature": 0.1,
-        "banzhaf": 1.0,  # λ_bz
-        "banzhaf_source": "estimator",  # estimator | module
-        "banzhaf_samples": 64,
-        "banzhaf_estimator": "paired",
-        "banzhaf_temperature": 0.01,
-        "module_hidden": 32,
-        "prompt": 0.1,  # λ_p
-    },
+    # the training method (cbd_fast.methods: finetune, joint, er, lwf, ewc, modx, cbd, rvlr, icsd, alta, dime) and
+    # its arguments, validated per method (unknown keys are errors); omitted arguments take the method's defaults
+    "method": "cbd",
+    "method_args": {},
     "eval": {"batch_size": 128, "prompt_selection": "key", "plot_metric": "mean_R@1"},
 }
 
@@ -73,16 +62,24 @@ def _coerce(where: str, default, value):
     return value
 
 
-STRICT_SECTIONS = ("", "train", "train.replay", "loss", "eval")
+STRICT_SECTIONS = ("", "train", "train.replay", "eval")
+
+LOSS_MIGRATION = ("config key '{key}' is gone: choose the method with 'method' and set its weights under "
+                  "'method_args' (loss.method=M -> method=M, loss.K=V -> method_args.K=V; README: Methods)")
 
 
 def resolve(user: dict | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults ← user config ← ``key=value`` overrides (dotted keys, YAML values). Unknown keys raise."""
+    """Defaults ← user config ← ``key=value`` overrides (dotted keys, YAML values). Unknown keys raise. The
+    method's arguments are then validated and completed (:func:`cbd_fast.methods.resolve_method_config`)."""
+    if "loss" in (user or {}):
+        raise KeyError(LOSS_MIGRATION.format(key="loss"))
     config = _merge(DEFAULTS, user or {}, "", STRICT_SECTIONS)
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override must look like key=value (dotted keys allowed), got {item!r}")
         dotted, raw = item.split("=", 1)
+        if dotted.strip().split(".")[0] == "loss":
+            raise KeyError(LOSS_MIGRATION.format(key=dotted.strip()))
         value = yaml.safe_load(raw)
         nested: dict = {}
         cursor = nested
@@ -91,7 +88,9 @@ def resolve(user: dict | None = None, overrides: list[str] | None = None) -> dic
             cursor = cursor.setdefault(key, {})
         cursor[keys[-1]] = value
         config = _merge(config, nested, "", STRICT_SECTIONS)
-    return config
+    from .methods import resolve_method_config  # imports torch: only once a config is resolved
+
+    return resolve_method_config(config)
 
 
 def load_yaml(path: str | pathlib.Path) -> dict:
