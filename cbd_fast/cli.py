@@ -12,7 +12,7 @@ def _train_parser() -> argparse.ArgumentParser:
         description="Continual image-text retrieval with Coalition Banzhaf Distillation. With no arguments it "
                     "trains the embedded default scenario (3 synthetic tasks) with full CBD.")
     parser.add_argument("--config", help="YAML config (defaults to the built-in configs/default.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.method=finetune")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method=lwf")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
     parser.add_argument("--name", help="run name: outputs go to <output_dir>/<name>")
     parser.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")

@@ -90,10 +90,13 @@ def test_method_override_and_argument_validation():
         config_lib.resolve({}, ["method=lwf", "method_args.weight=strong"])
     with pytest.raises(ValueError, match="cross_temperature_init"):
         config_lib.resolve({}, ["method=icsd", "method_args.cross_temperature_init=2"])
-    # the configuration before the registry is refused with the way to migrate
+    # the configuration before the registry is refused with the way to migrate (also from an old checkpoint)
     for user, overrides in (({"loss": {"method": "finetune"}}, []), ({}, ["loss.banzhaf=0"])):
         with pytest.raises(KeyError, match="choose the method with 'method'.*loss.K=V -> method_args.K=V"):
             config_lib.resolve(user, overrides)
+    old = {key: value for key, value in config_lib.resolve({}).items() if key not in ("method", "method_args")}
+    with pytest.raises(KeyError, match="config key 'loss' is gone"):
+        resolve_method_config(dict(old, loss={"method": "cbd"}))
 
 
 def test_replay_requirements():

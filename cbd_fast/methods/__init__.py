@@ -38,8 +38,10 @@ def method_class(name: Any) -> type[Method]:
 def resolve_method_config(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``config`` whose ``method_args`` hold every argument of ``config['method']`` (given or default),
     and whose ``train.replay`` is the buffer the method trains with."""
-    from ..config import _coerce
+    from ..config import LOSS_MIGRATION, _coerce
 
+    if "loss" in config:  # a config written before the registry (e.g. in an older checkpoint)
+        raise KeyError(LOSS_MIGRATION.format(key="loss"))
     config = copy.deepcopy(config)
     cls = method_class(config.get("method"))
     given = config.get("method_args") or {}

@@ -184,7 +184,7 @@ class Method(nn.Module):
 
     def student(self, batch, task_index: int) -> Outputs:
         """The trained model's outputs, with the prompt slot of ``task_index``."""
-        (queries, use_old) = self._queries(batch)
+        queries, use_old = self._queries(batch)
         self._step_queries = queries if use_old else None  # shared with the teacher, computed once per step
         return encode(self.model, batch, queries, train_task=task_index)
 

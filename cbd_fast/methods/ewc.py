@@ -29,8 +29,9 @@ class EWC(Method):
 
     Preserves: the parameters that mattered for earlier tasks' contrastive loss, in proportion to their Fisher.
 
-    Defaults: ``weight: 1000.0`` (λ), ``decay: 1.0`` (γ; 1 sums the tasks' Fishers), ``prompt: 0.1``. Combines
-    with replay.
+    Defaults: ``weight: 1000.0`` (λ), ``decay: 1.0`` (γ; 1 sums the tasks' Fishers), ``prompt: 0.1``. With
+    λ = 1000 the penalty is about a tenth of the loss on the default scenario (``ewc`` ≈ 1–2·10⁻⁴ during tasks 2
+    and 3 of a 10-epoch run, against a contrastive loss of about 2). Combines with replay.
 
     Distributed training: the contrastive loss is defined on the global batch; the penalty involves no batch;
     the Fisher is the mean over all ranks' batches (an all-reduce of the squared gradients).
