@@ -85,24 +85,25 @@ def _write_methods_summary(terminalreporter, config) -> None:
         return
     lines = ["# CPU benchmark: per-step cost of the training methods (`benchmarks/test_bench_methods.py`)", "",
              *_machine_info(config),
-             "- the machine is a 2-core CPU shared with other jobs: absolute times move with its load; the ratios "
-             "come from interleaved sweeps (one step of every method per round, same batch), which keeps them "
-             "comparable", ""]
+             "- the machine is a 2-core CPU shared with other jobs: wall-clock times move with its load, so the "
+             "costs are process CPU times with one torch thread, from interleaved sweeps (one step of every method "
+             "per round, same batch)", ""]
     if "step" in results:
-        lines += ["## One training step at the default config, task 2 (median over rounds)", "",
-                  "| method | rows per batch | median step | min | vs finetune (median of per-round ratios) |",
-                  "|---|---|---|---|---|"]
+        lines += ["## One training step at the default config, task 2 (medians over rounds, 1 thread)", "",
+                  "| method | rows per batch | CPU time per step | wall-clock | vs finetune (median of per-round "
+                  "CPU-time ratios) |", "|---|---|---|---|---|"]
         for name, row in results["step"].items():
-            lines.append(f"| {name} | {row['rows']} | {_format_time(row['median_s'])} | "
-                         f"{_format_time(row['min_s'])} | {row['ratio']:.2f}× |")
+            lines.append(f"| {name} | {row['rows']} | {_format_time(row['cpu_s'])} | "
+                         f"{_format_time(row['wall_s'])} | {row['ratio']:.2f}× |")
         lines += ["", "Rows: 32 current samples, plus 16 replayed for `er` and `alta` (their default buffer)."]
     if "dime_eval" in results:
         lines += ["", "## Scoring a gallery (tiny-model token sizes) with MaxSim, and with DIME re-ranking each "
                   "caption's and each image's top 16", "",
-                  "| variant | captions × images | pairs through the DIME module | median | min |", "|---|---|---|---|---|"]
+                  "| variant | captions × images | pairs through the DIME module | CPU time (median, 1 thread) | "
+                  "wall-clock |", "|---|---|---|---|---|"]
         for name, row in results["dime_eval"].items():
             lines.append(f"| {name} | {row['gallery']} × {row['gallery']} | {row['pairs']} | "
-                         f"{_format_time(row['median_s'])} | {_format_time(row['min_s'])} |")
+                         f"{_format_time(row['cpu_s'])} | {_format_time(row['wall_s'])} |")
     terminalreporter.write_sep("=", "training methods CPU benchmark summary")
     for line in lines:
         terminalreporter.write_line(line)
