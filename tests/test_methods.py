@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cbd_fast
+import cbd_fast.model
 from cbd_fast import config as config_lib
 from cbd_fast.methods import METHODS, resolve_method_config
 from cbd_fast.methods.base import Terms
@@ -387,3 +388,23 @@ def test_dime_training_terms_and_reranking(tmp_path):
     q, g = candidate.nonzero(as_tuple=True)
     dime, _ = method.pair_scores(student.text, student.image, q, g)
     assert torch.equal(rescored[q, g].argsort(), dime.argsort())
+
+
+@needs_ops
+def test_dime_gradients_are_run_to_run_identical_with_two_threads(tmp_path):
+    # the candidate pairs repeat rows; their gradients must be summed in a fixed order whatever the threads
+    method = make_trainer(tmp_path, "dime").method
+    gen = torch.Generator().manual_seed(0)
+    def features(count, length):
+        return cbd_fast.model.TokenFeatures(torch.randn(count, length, 64, generator=gen).requires_grad_(),
+                                            torch.ones(count, length, dtype=torch.bool),
+                                            torch.zeros(count, length), torch.randn(count, 64, generator=gen))
+    text, image = features(48, 32), features(48, 17)
+    rows = torch.cat([torch.arange(48), torch.arange(48).repeat_interleave(2)])
+    columns = torch.cat([torch.arange(48), torch.randint(0, 48, (96,), generator=gen)])
+    torch.set_num_threads(2)  # restored by the autouse fixture
+    gradients = []
+    for _ in range(6):
+        scores, _ = method.pair_scores(text, image, rows, columns)
+        gradients.append(torch.autograd.grad(scores.sum(), (text.tokens, image.tokens)))
+    assert all(torch.equal(g[0], gradients[0][0]) and torch.equal(g[1], gradients[0][1]) for g in gradients)

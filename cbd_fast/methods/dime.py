@@ -200,8 +200,11 @@ class DIME(Method):
     def pair_scores(self, text: TokenFeatures, image: TokenFeatures, text_rows: torch.Tensor,
                     image_rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """DIME scores of the pairs ``(text_rows[p], image_rows[p])``: ``([P], [paths_i2t[P,n], paths_t2i[P,n]])``."""
-        t = TokenFeatures(*(x[text_rows].float() if x.is_floating_point() else x[text_rows] for x in text))
-        i = TokenFeatures(*(x[image_rows].float() if x.is_floating_point() else x[image_rows] for x in image))
+        # index_select, not x[rows]: the rows repeat, and the backward of advanced indexing (an accumulating
+        # index_put) sums repeated rows in a thread-dependent order on the CPU, index_select's does not
+        t = TokenFeatures(*(x.index_select(0, text_rows) for x in text))
+        i = TokenFeatures(*(x.index_select(0, image_rows) for x in image))
+        t, i = (TokenFeatures(*(x.float() if x.is_floating_point() else x for x in f)) for f in (t, i))
         i2t, paths_i2t = self.image_to_text(i.tokens, i.mask, t.pooled, t.tokens, t.mask)
         t2i, paths_t2i = self.text_to_image(t.tokens, t.mask, i.pooled, i.tokens, i.mask)
         return 0.5 * (i2t + t2i), [paths_i2t, paths_t2i]
