@@ -388,6 +388,8 @@ def test_dime_training_terms_and_reranking(tmp_path):
     q, g = candidate.nonzero(as_tuple=True)
     dime, _ = method.pair_scores(student.text, student.image, q, g)
     assert torch.equal(rescored[q, g].argsort(), dime.argsort())
+    method.args["rerank_top_k"] = 0  # the dual encoder alone
+    assert method.rescore(student.text, student.image, scores) is scores
 
 
 @needs_ops

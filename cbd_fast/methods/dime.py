@@ -158,7 +158,8 @@ class DIME(Method):
     image, the ``train_negatives`` hardest negatives by dual-encoder score (the hinge's hardest negative is taken
     among those); evaluation (:meth:`rescore`) re-ranks, for every caption its ``rerank_top_k`` best images and for
     every image its ``rerank_top_k`` best captions by dual-encoder score: those candidates are ordered by DIME score
-    above all other pairs, which keep their dual-encoder order. At most (Q + G)·k module calls per gallery.
+    above all other pairs, which keep their dual-encoder order. At most (Q + G)·k module calls per gallery;
+    ``rerank_top_k: 0`` evaluates the dual encoder alone (to separate the re-ranker's effect from the backbone's).
 
     Preserves: through LwF, the previous model's ranking of the batch (the first stage); the interaction module
     itself is fine-tuned sequentially.
@@ -184,7 +185,7 @@ class DIME(Method):
                     heads=4, i2t_temperature=4.0, t2i_temperature=9.0, train_negatives=4, rerank_top_k=16,
                     rerank_chunk=256)
     positive = ("lwf_temperature", "layers", "heads", "i2t_temperature", "t2i_temperature", "train_negatives",
-                "rerank_top_k", "rerank_chunk")
+                "rerank_chunk")
 
     def __init__(self, args, trainer):
         super().__init__(args, trainer)
@@ -244,6 +245,8 @@ class DIME(Method):
     @torch.no_grad()
     def rescore(self, text: TokenFeatures, image: TokenFeatures, scores: torch.Tensor) -> torch.Tensor:
         """Re-rank the dual encoder's candidates with DIME (see the class docstring). ``scores[Q,G]`` -> ``[Q,G]``."""
+        if not self.args["rerank_top_k"]:
+            return scores
         self.eval()
         row_pick, _, col_pick, _ = candidate_pairs(scores, self.args["rerank_top_k"])
         candidate = torch.zeros_like(scores, dtype=torch.bool)
