@@ -1,5 +1,5 @@
 """Collects the benchmark medians and prints / writes the summary tables (Banzhaf with its speed-up ratios, MaxSim
-with peak memory) to ``benchmarks/results/``."""
+with peak memory, the training methods' step cost) to ``benchmarks/results/``."""
 from __future__ import annotations
 
 import datetime
@@ -14,6 +14,7 @@ import torch
 RESULTS_KEY = pytest.StashKey[dict]()
 MAXSIM_KEY = pytest.StashKey[dict]()
 GPU_KEY = pytest.StashKey[dict]()
+METHODS_KEY = pytest.StashKey[dict]()
 RESULTS_FILE = Path(__file__).parent / "results" / "cpu_banzhaf.md"
 MAXSIM_FILE = Path(__file__).parent / "results" / "cpu_maxsim.md"
 
@@ -41,6 +42,7 @@ def pytest_configure(config):
     config.stash[RESULTS_KEY] = {}
     config.stash[MAXSIM_KEY] = {}
     config.stash[GPU_KEY] = {}
+    config.stash[METHODS_KEY] = {}
     config.stash[LOAD_AT_START_KEY] = _load_average()
 
 
@@ -64,6 +66,51 @@ def maxsim_record(request):
         results[variant] = dict(median_s=median, min_s=minimum, peak_bytes=peak)
 
     return record
+
+
+@pytest.fixture
+def methods_record(request):
+    """record(table, name, row): one row of the training-method summary (tables "step" and "dime_eval")."""
+    results = request.config.stash[METHODS_KEY]
+
+    def record(table, name, row):
+        results.setdefault(table, {})[name] = row
+
+    return record
+
+
+def _write_methods_summary(terminalreporter, config) -> None:
+    results = config.stash.get(METHODS_KEY, {})
+    if not results:
+        return
+    lines = ["# CPU benchmark: per-step cost of the training methods (`benchmarks/test_bench_methods.py`)", "",
+             *_machine_info(config),
+             "- the machine is a 2-core CPU shared with other jobs: wall-clock times move with its load, so the "
+             "costs are process CPU times with one torch thread, from interleaved sweeps (one step of every method "
+             "per round, same batch)", ""]
+    if "step" in results:
+        lines += ["## One training step at the default config, task 2 (medians over rounds, 1 thread)", "",
+                  "| method | rows per batch | CPU time per step | wall-clock | vs finetune (median of per-round "
+                  "CPU-time ratios) |", "|---|---|---|---|---|"]
+        for name, row in results["step"].items():
+            lines.append(f"| {name} | {row['rows']} | {_format_time(row['cpu_s'])} | "
+                         f"{_format_time(row['wall_s'])} | {row['ratio']:.2f}× |")
+        lines += ["", "Rows: 32 current samples, plus 16 replayed for `er` and `alta` (their default buffer)."]
+    if "dime_eval" in results:
+        lines += ["", "## Scoring a gallery (tiny-model token sizes) with MaxSim, and with DIME re-ranking each "
+                  "caption's and each image's top 16", "",
+                  "| variant | captions × images | pairs through the DIME module | CPU time (median, 1 thread) | "
+                  "wall-clock |", "|---|---|---|---|---|"]
+        for name, row in results["dime_eval"].items():
+            lines.append(f"| {name} | {row['gallery']} × {row['gallery']} | {row['pairs']} | "
+                         f"{_format_time(row['cpu_s'])} | {_format_time(row['wall_s'])} |")
+    terminalreporter.write_sep("=", "training methods CPU benchmark summary")
+    for line in lines:
+        terminalreporter.write_line(line)
+    path = Path(__file__).parent / "results" / "cpu_methods.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    terminalreporter.write_line(f"written to {path}")
 
 
 def _maxsim_summary(results: dict) -> list[str]:
@@ -210,6 +257,7 @@ def _write_gpu_summary(terminalreporter, config) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _write_gpu_summary(terminalreporter, config)
+    _write_methods_summary(terminalreporter, config)
     maxsim_results = config.stash.get(MAXSIM_KEY, {})
     if maxsim_results:
         lines = _maxsim_summary(maxsim_results)

@@ -37,7 +37,7 @@ def _train_parser() -> argparse.ArgumentParser:
         epilog="Config keys: `cbd-train --print-config` lists them all with their values. Outputs go to "
                "<output_dir>/<name> (runs/default); an existing run there is never overwritten silently.")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides anywhere on the line, e.g. loss.method=finetune train.epochs=2 "
+                        help="dotted overrides anywhere on the line, e.g. method=lwf train.epochs=2 "
                              "data=configs/scenarios/pascal_sentence.yaml data.root=/data/pascal")
     parser.add_argument("--config", help="YAML config merged over the defaults (configs/default.yaml)")
     parser.add_argument("--name", help="run name: outputs go to <output_dir>/<name> (same as name=...)")
@@ -157,6 +157,7 @@ def check_run_folder(run_dir: pathlib.Path, resume: bool, overwrite: bool) -> No
 
 
 def _train(args: argparse.Namespace) -> int:
+    prefer_passive_omp_wait()  # before resolve(), which imports torch to check the method's arguments
     from . import config as config_lib
 
     overrides = list(args.overrides)
@@ -170,7 +171,6 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = pathlib.Path(cfg["output_dir"]) / cfg["name"]
     check_run_folder(run_dir, args.resume, args.overwrite)  # before any data is read
 
-    prefer_passive_omp_wait()
     _configure_logging()
     import logging
 

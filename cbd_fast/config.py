@@ -11,7 +11,8 @@ from what is given, since the old section's keys belong to the old scenario or a
 whole sections before single keys, so ``data=my_scenario.yaml data.num_tasks=3`` reads the file, then changes
 ``num_tasks``, in either order.
 
-This module does not import torch: ``cbd-train --help`` and ``--print-config`` answer at once.
+This module imports torch only to check a method's arguments (:func:`resolve`), so ``cbd-train --help`` answers
+at once.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def load_scenario(path: str | pathlib.Path) -> dict:
 
 DEFAULTS: dict[str, Any] = builtin_config("default")
 # Sections whose keys are all listed in configs/default.yaml (model and data are checked by their own modules).
-STRICT_SECTIONS = ("", "train", "train.replay", "loss", "eval")
+STRICT_SECTIONS = ("", "train", "train.replay", "eval")  # method_args: checked per method (cbd_fast.methods)
 # Keys that pick what the rest of a section means: naming another value starts the section afresh.
 _SECTION_KINDS = {"data": ("scenario",), "model": ("preset", "pretrained")}
 _SECTION_DEFAULT_KIND = {"data": {"scenario": "synthetic"}, "model": {}}
@@ -174,19 +175,32 @@ def _override(item: str) -> dict:
     return nested
 
 
+LOSS_MIGRATION = ("config key '{key}' is gone: choose the method with 'method' and set its weights under "
+                  "'method_args' (loss.method=M -> method=M, loss.K=V -> method_args.K=V; README: Methods)")
+
+
 def resolve(user: dict | None = None, overrides: list[str] | None = None, warn: bool = True) -> dict:
-    """Defaults ← user config ← ``key=value`` overrides, checked by :func:`validate`.
+    """Defaults ← user config ← ``key=value`` overrides, checked by :func:`validate`; then the method's arguments
+    are checked and completed with its defaults (:func:`cbd_fast.methods.resolve_method_config`, which imports
+    torch).
 
     Overrides apply in order of depth (``data=file.yaml`` before ``data.num_tasks=3``), then in the order given.
     A resolved config resolves to itself.
     """
     if user is not None and not isinstance(user, dict):
         raise ConfigError(f"a config must be a mapping of keys, got {type(user).__name__}")
+    if "loss" in (user or {}):  # a config written before the method registry
+        raise ConfigError(LOSS_MIGRATION.format(key="loss"))
+    for item in overrides or []:
+        if item.partition("=")[0].strip().split(".")[0] == "loss":
+            raise ConfigError(LOSS_MIGRATION.format(key=item.partition("=")[0].strip()))
     config = _merge(DEFAULTS, user or {}, "")
     for item in sorted(overrides or [], key=lambda text: text.partition("=")[0].count(".")):
         config = _merge(config, _override(item), "")
     validate(config, warn)
-    return config
+    from .methods import resolve_method_config
+
+    return resolve_method_config(config)
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -241,19 +255,8 @@ RULES: dict[str, Rule] = {
     "train.replay.strategy": _choice("reservoir", "per_task", "none"),
     "train.replay.size": _integer(0),
     "train.replay.batch_size": _integer(0),
-    "loss.method": _choice("cbd", "finetune"),
-    "loss.sample": _number(),
-    "loss.sample_temperature": _number(positive=True),
-    "loss.token": _number(),
-    "loss.token_kind": _choice("mse", "kl"),
-    "loss.token_temperature": _number(positive=True),
-    "loss.banzhaf": _number(),
-    "loss.banzhaf_source": _choice("estimator", "module"),
-    "loss.banzhaf_samples": _integer(1),
-    "loss.banzhaf_estimator": _choice("paired", "msr", "exact"),
-    "loss.banzhaf_temperature": _number(positive=True),
-    "loss.module_hidden": _integer(1),
-    "loss.prompt": _number(),
+    "method": _text,  # the name and the arguments are checked by cbd_fast.methods
+    "method_args": lambda v: None if isinstance(v, dict) else "a mapping of the method's arguments",
     "eval.batch_size": _integer(1),
     "eval.prompt_selection": _choice("key", "task_id"),
     "eval.plot_metric": _text,
@@ -275,7 +278,8 @@ def validate(config: dict, warn: bool = True) -> None:
     """Check every key of the run sections; raise one :class:`ConfigError` listing every problem. With ``warn``,
     settings that run but defeat their purpose give a :class:`ConfigWarning`."""
     problems = []
-    values = leaf_keys({k: v for k, v in config.items() if k not in _SECTION_KINDS})
+    values = leaf_keys({k: v for k, v in config.items() if k not in _SECTION_KINDS and k != "method_args"})
+    values["method_args"] = config.get("method_args")
     for key, rule in RULES.items():
         expected = rule(values.get(key))
         if expected is not None:

@@ -24,7 +24,8 @@ TINY = {
     "data": {"scenario": "synthetic", "num_tasks": 2, "train_per_class": 6, "test_per_class": 4},
     "train": {"epochs": 2, "batch_size": 16, "warmup_steps": 2,
               "replay": {"strategy": "reservoir", "size": 16, "batch_size": 8}},
-    "loss": {"method": "cbd", "sample": 1.0, "token": 1.0, "banzhaf": 1.0, "banzhaf_samples": 16, "prompt": 0.1},
+    "method": "cbd",
+    "method_args": {"sample": 1.0, "token": 1.0, "banzhaf": 1.0, "banzhaf_samples": 16, "prompt": 0.1},
 }
 
 
@@ -72,7 +73,9 @@ def test_train_outputs_and_exact_resume(tmp_path, capsys):
     with (run / "metrics.csv").open() as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == 4 and {"after_task", "eval_task", "t2i_R@1"} <= set(rows[0])
-    assert yaml.safe_load((run / "config.yaml").read_text())["loss"]["banzhaf"] == 1.0
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["method"] == "cbd" and recorded["method_args"]["banzhaf"] == 1.0
+    assert recorded["method_args"]["banzhaf_estimator"] == "paired"  # defaults are filled in and recorded
 
     # interrupted after 3 of 4 epochs (mid task 2), then resumed: the same metrics as the uninterrupted run
     assert _run(tmp_path, "interrupted", ["--stop-after-epochs", "3"]) == 0
@@ -108,25 +111,27 @@ def test_train_outputs_and_exact_resume(tmp_path, capsys):
 def test_data_from_a_scenario_file(tmp_path):
     scenario = tmp_path / "scenario.yaml"
     scenario.write_text(yaml.safe_dump(TINY["data"]))
-    config = dict(TINY, data=str(scenario), train=dict(TINY["train"], epochs=1), loss=dict(TINY["loss"], method="finetune"))
+    config = dict(TINY, data=str(scenario), train=dict(TINY["train"], epochs=1), method="finetune", method_args={})
     assert _run(tmp_path, "from_file", config=config) == 0
     assert _metrics(tmp_path, "from_file")["tasks"] == ["synthetic/task0", "synthetic/task1"]
 
 
-@pytest.mark.parametrize("overrides", [{"method": "finetune"}, {"banzhaf_source": "module", "token_kind": "kl"}])
-def test_other_methods_run(tmp_path, overrides):
-    config = dict(TINY, train=dict(TINY["train"], epochs=1), loss=dict(TINY["loss"], **overrides))
+def test_cbd_learned_module_runs(tmp_path):
+    overrides = {"banzhaf_source": "module", "token_kind": "kl"}
+    config = dict(TINY, train=dict(TINY["train"], epochs=1), method_args=dict(TINY["method_args"], **overrides))
     assert _run(tmp_path, "variant", config=config) == 0
     assert _metrics(tmp_path, "variant")["tasks_trained"] == 2
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
-    real = loop.sample_distillation_loss
+    from cbd_fast.methods import cbd as cbd_method
+
+    real = cbd_method.sample_distillation_loss
 
     def diverging(*args, **kwargs):  # the distillation term of task 2 becomes NaN
         return real(*args, **kwargs) * float("nan")
 
-    monkeypatch.setattr(loop, "sample_distillation_loss", diverging)
+    monkeypatch.setattr(cbd_method, "sample_distillation_loss", diverging)
     config = dict(TINY, train=dict(TINY["train"], epochs=1))
     assert _run(tmp_path, "nan", config=config) == 1
     error = capsys.readouterr().err

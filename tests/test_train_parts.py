@@ -193,13 +193,18 @@ def test_checkpoint_write_errors_leftovers_and_permissions(tmp_path, monkeypatch
 
 # ------------------------------------------------------------------------------------------------- config
 def test_config_overrides_and_unknown_keys():
-    cfg = config_lib.resolve({"loss": {"method": "finetune"}}, ["train.epochs=2", "loss.banzhaf=0.5"])
-    assert cfg["loss"]["method"] == "finetune" and cfg["train"]["epochs"] == 2 and cfg["loss"]["banzhaf"] == 0.5
+    cfg = config_lib.resolve({"method": "cbd"}, ["train.epochs=2", "method_args.banzhaf=0.5"])
+    assert cfg["method"] == "cbd" and cfg["train"]["epochs"] == 2 and cfg["method_args"]["banzhaf"] == 0.5
     assert cfg["train"]["batch_size"] == config_lib.DEFAULTS["train"]["batch_size"]
-    with pytest.raises(config_lib.ConfigError, match="loss.banzaf.*did you mean 'loss.banzhaf'"):
-        config_lib.resolve({}, ["loss.banzaf=1"])
+    with pytest.raises(config_lib.ConfigError, match="train.epoch.*did you mean 'train.epochs'"):
+        config_lib.resolve({}, ["train.epoch=1"])
     with pytest.raises(config_lib.ConfigError, match="unknown config key 'lr' \\(did you mean 'train.lr'"):
         config_lib.resolve({}, ["lr=1e-3"])
+    with pytest.raises(config_lib.ConfigError, match="method_args.banzaf' for method 'cbd' \\(did you mean "
+                                                     "'method_args.banzhaf'"):
+        config_lib.resolve({}, ["method_args.banzaf=1"])
+    with pytest.raises(config_lib.ConfigError, match="config key 'loss.banzhaf' is gone"):
+        config_lib.resolve({}, ["loss.banzhaf=1"])
     assert config_lib.resolve({}, ["train.lr=2e-3"])["train"]["lr"] == pytest.approx(2e-3)  # YAML 1.1 string
     with pytest.raises(config_lib.ConfigError, match="'train.epochs' must be an integer ≥ 1, got 'many'"):
         config_lib.resolve({}, ["train.epochs=many"])
@@ -247,12 +252,12 @@ def test_scenario_file_and_data_overrides_merge(tmp_path):
     ("train.lr=-1e-3", "train.lr", "a finite number ≥ 0"),
     ("train.lr=nan", "train.lr", "a finite number ≥ 0"),
     ("train.lr=.inf", "train.lr", "a finite number ≥ 0"),
-    ("loss.sample_temperature=0", "loss.sample_temperature", "a finite number > 0"),
-    ("loss.token_temperature=-1", "loss.token_temperature", "a finite number > 0"),
-    ("loss.banzhaf_temperature=0", "loss.banzhaf_temperature", "a finite number > 0"),
-    ("loss.banzhaf=nan", "loss.banzhaf", "a finite number ≥ 0"),
-    ("loss.banzhaf_samples=0", "loss.banzhaf_samples", "an integer ≥ 1"),
-    ("loss.method=distill", "loss.method", "one of cbd, finetune"),
+    ("method_args.sample_temperature=0", "method_args.sample_temperature", "a finite number > 0"),
+    ("method_args.token_temperature=-1", "method_args.token_temperature", "a finite number > 0"),
+    ("method_args.banzhaf_temperature=0", "method_args.banzhaf_temperature", "a finite number > 0"),
+    ("method_args.banzhaf=nan", "method_args.banzhaf", "a finite number ≥ 0"),
+    ("method_args.banzhaf_samples=0", "method_args.banzhaf_samples", "an integer ≥ 1"),
+    ("method=distill", "method", "one of finetune, joint, er"),
     ("train.bf16=yes please", "train.bf16", "one of auto, true, false"),
     ("threads=0", "threads", "auto or an integer ≥ 1"),
     ("device=gpu", "device", "auto, cpu, cuda or cuda:N"),

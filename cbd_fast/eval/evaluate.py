@@ -49,11 +49,17 @@ def gallery_scores(text, image, chunk: int = 256) -> torch.Tensor:
 
 
 def evaluate_task(model, task, task_index: int, device: torch.device, batch_size: int,
-                  prompt_selection: str = "key") -> dict[str, float]:
-    """R@1/5/10, MRR and (with labels) mAP@all in both directions on ``task.test``."""
+                  prompt_selection: str = "key", rescore=None) -> dict[str, float]:
+    """R@1/5/10, MRR and (with labels) mAP@all in both directions on ``task.test``.
+
+    ``rescore(text, image, scores) -> scores``, when given, replaces the MaxSim scores ``[N_text, N_image]`` of
+    the gallery (a method that scores differently, see :attr:`cbd_fast.methods.Method.rescore`)."""
     if prompt_selection not in ("key", "task_id"):
         raise ValueError(f"eval.prompt_selection must be 'key' or 'task_id', got {prompt_selection!r}")
     task_id = task_index if prompt_selection == "task_id" else None
     text, image = encode_split(model, task.test, device, batch_size, task_id)
+    scores = gallery_scores(text, image)
+    if rescore is not None:
+        scores = rescore(text, image, scores)
     labels = task.test.labels
-    return retrieval_metrics(gallery_scores(text, image).cpu(), labels if bool((labels >= 0).all()) else None)
+    return retrieval_metrics(scores.cpu(), labels if bool((labels >= 0).all()) else None)

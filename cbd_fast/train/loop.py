@@ -1,11 +1,12 @@
-"""The continual training loop: tasks in sequence, CBD losses against the frozen previous-task model, replay,
-evaluation after every task, atomic checkpoints after every epoch, exact resume.
+"""The continual training loop: tasks in sequence, the losses of the configured method (``cbd_fast.methods``),
+replay, evaluation after every task, atomic checkpoints after every epoch, exact resume.
 
 Single process; the pieces that a distributed run changes (sampler, loss reduction, checkpoint writer) are the
 ``_batches``, ``_step`` and ``_save`` methods.
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 import logging
@@ -26,12 +27,9 @@ from ..errors import RunFailed
 from ..eval.evaluate import evaluate_task
 from ..eval.metrics import continual_summary
 from ..eval.report import write_reports
-from ..maxsim import maxsim
-from ..banzhaf import banzhaf_interaction
+from ..methods import create_method
 from ..model import create_model
 from . import checkpoint
-from .losses import (InteractionPredictor, banzhaf_distillation_loss, contrastive_loss, sample_distillation_loss,
-                     token_similarity_loss)
 from .replay import ReplayBuffer
 
 _MIX = 0x9E3779B97F4A7C15
@@ -86,7 +84,7 @@ class Trainer:
         self.threads = torch.get_num_threads()
         self.show_progress = show_progress
         self.stop_after_epochs = stop_after_epochs  # for tests: simulate an interruption after N epochs
-        self.train_cfg, self.loss_cfg = config["train"], config["loss"]
+        self.train_cfg = config["train"]
         torch.manual_seed(config["seed"])
         try:
             self.model = create_model(config["model"]).to(self.device)
@@ -94,8 +92,7 @@ class Trainer:
             raise ConfigError(f"model: {exc}") from exc
         self.image_size = self.model.image_size
         self.tasks: list[Task] = build_tasks(config["data"], self.image_size, config["seed"])
-        self.predictor = InteractionPredictor(self.loss_cfg["module_hidden"]).to(self.device) \
-            if self.loss_cfg["banzhaf_source"] == "module" else None
+        self.method = create_method(config, self)
         self.old_model = None
         replay_cfg = self.train_cfg["replay"]
         self.replay = ReplayBuffer(replay_cfg["strategy"], replay_cfg["size"])
@@ -126,15 +123,14 @@ class Trainer:
     # --- set-up per task -------------------------------------------------------------------------------------------
 
     def _parameters(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.predictor is not None:
-            params += list(self.predictor.parameters())
-        return params
+        return [p for group in self.method.parameter_groups() for p in group["params"]]
 
     def _start_task(self, task_index: int) -> None:
         cfg = self.train_cfg
         self.model.set_num_active_prompts(task_index + 1)
-        self.optimizer = torch.optim.AdamW(self._parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        self.method.start_task(task_index)
+        self.optimizer = torch.optim.AdamW(self.method.parameter_groups(), lr=cfg["lr"],
+                                           weight_decay=cfg["weight_decay"])
         steps = cfg["epochs"] * self._steps_per_epoch(task_index)
         warmup = min(cfg["warmup_steps"], max(1, steps // 5))
 
@@ -146,102 +142,50 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     def _steps_per_epoch(self, task_index: int) -> int:
-        return math.ceil(len(self.tasks[task_index].train) / self.train_cfg["batch_size"])
+        samples = sum(len(self.tasks[t].train) for t in self.method.train_tasks(task_index))
+        return math.ceil(samples / self.train_cfg["batch_size"])
 
     # --- data ----------------------------------------------------------------------------------------------------
 
     def _batches(self, task_index: int, epoch: int):
-        """Shuffled batches of the task's training set, each with a replay batch from earlier tasks appended."""
-        task = self.tasks[task_index]
-        task.train.set_epoch(epoch)
-        order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(
+        """Shuffled batches of the stage's training data (the task's training set, or the union of those the method
+        trains on in this stage), each with a replay batch from earlier tasks appended."""
+        sources = self.method.train_tasks(task_index)
+        starts = [0]
+        for source in sources:
+            self.tasks[source].train.set_epoch(epoch)
+            starts.append(starts[-1] + len(self.tasks[source].train))
+        order = torch.randperm(starts[-1], generator=torch.Generator().manual_seed(
             derived_seed(self.config["seed"], task_index, epoch)))
         size = self.train_cfg["batch_size"]
         for step, start in enumerate(range(0, len(order), size)):
-            items = [task.train[int(i)] for i in order[start:start + size]]
+            items = []
+            for position in order[start:start + size].tolist():
+                which = bisect.bisect_right(starts, position) - 1
+                items.append(dict(self.tasks[sources[which]].train[position - starts[which]], task=sources[which]))
+            current = len(items)
             generator = torch.Generator().manual_seed(derived_seed(self.config["seed"], task_index, epoch, step, 1))
             for old_task, index in self.replay.sample(self.train_cfg["replay"]["batch_size"], generator):
                 self.tasks[old_task].train.set_epoch(epoch)
-                items.append(self.tasks[old_task].train[index])
-            yield step, self._collate(items)
+                items.append(dict(self.tasks[old_task].train[index], task=old_task))
+            batch = self._collate(items)
+            batch["replay"] = torch.arange(len(items), device=self.device) >= current
+            yield step, batch
 
     def _collate(self, items: list[dict]) -> dict[str, Any]:
+        """Images, token ids and masks on the device; ``task[B]`` and ``index[B]`` (which training sample each
+        row is) on the CPU."""
         ids, mask = self.model.tokenize([item["caption"] for item in items])
         return {"images": torch.stack([item["image"] for item in items]).to(self.device),
-                "ids": ids.to(self.device), "mask": mask.to(self.device)}
+                "ids": ids.to(self.device), "mask": mask.to(self.device),
+                "task": torch.tensor([item["task"] for item in items], dtype=torch.long),
+                "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
 
     # --- losses --------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    @torch.no_grad()
-    def _queries(model, batch):
-        """Prompt-pool queries: the model's prompt-free pooled image and text features."""
-        return model.query_image(batch["images"]), model.query_text(batch["ids"], batch["mask"])
-
-    @staticmethod
-    def _encode(model, batch, queries, train_task: int | None):
-        """Token features of both towers with prompts chosen from ``queries``; and the pull loss."""
-        image_prompt, text_prompt, pull = model.select_prompts(*queries, train_task=train_task)
-        image = model.encode_image(batch["images"], prompt_index=image_prompt)
-        text = model.encode_text(batch["ids"], batch["mask"], prompt_index=text_prompt)
-        return text, image, pull
-
-    @staticmethod
-    def _scores(text, image) -> torch.Tensor:
-        return maxsim(text.tokens, image.tokens, text.mask, image.mask, text.weight, image.weight)
-
     def _losses(self, batch, task_index: int, step_seed: int) -> LossTerms:
-        cfg = self.loss_cfg
-        # queries from the frozen previous-task model (train.prompt_query: old_model) or the prompt-free pass
-        use_old = self.old_model is not None and self.train_cfg["prompt_query"] == "old_model"
-        queries = self._queries(self.old_model if use_old else self.model, batch)
-        text, image, pull = self._encode(self.model, batch, queries, train_task=task_index)
-        scores = self._scores(text, image)
-        total = contrastive_loss(scores.float(), self.model.scale())
-        parts = {"contrastive": total.item()}
-        if cfg["prompt"]:
-            total = total - cfg["prompt"] * pull
-            parts["prompt_key_cos"] = pull.item()  # a similarity to raise, not a loss: enters as −λ_p·cos
-        if self.old_model is None or cfg["method"] == "finetune":
-            return LossTerms(total, parts)
-        with torch.no_grad():
-            # the old model picks its prompts the way it would at test time
-            old_queries = queries if use_old else self._queries(self.old_model, batch)
-            old_text, old_image, _ = self._encode(self.old_model, batch, old_queries, train_task=None)
-            old_scores = self._scores(old_text, old_image)
-        if cfg["sample"]:
-            term = sample_distillation_loss(scores.float(), old_scores.float(), cfg["sample_temperature"])
-            total, parts["sample"] = total + cfg["sample"] * term, term.item()
-        if not (cfg["token"] or cfg["banzhaf"]):
-            return LossTerms(total, parts)
-        # per-pair token similarity maps of matched pairs: S[b] = X[b] Y[b]^T
-        sim = torch.bmm(text.tokens.float(), image.tokens.float().transpose(1, 2))
-        old_sim = torch.bmm(old_text.tokens.float(), old_image.tokens.float().transpose(1, 2))
-        text_mask, image_mask = text.mask, image.mask
-        if cfg["token"]:
-            term = token_similarity_loss(sim, old_sim, text_mask, image_mask, cfg["token_kind"],
-                                         cfg["token_temperature"])
-            total, parts["token"] = total + cfg["token"] * term, term.item()
-        if cfg["banzhaf"]:
-            def estimate(s, t, i):  # common random numbers: teacher and student share the seed
-                return banzhaf_interaction(s, text_mask, image_mask, t.weight.float(), i.weight.float(),
-                                           num_samples=cfg["banzhaf_samples"], seed=step_seed,
-                                           estimator=cfg["banzhaf_estimator"]).interaction
-
-            with torch.no_grad():
-                old_interaction = estimate(old_sim, old_text, old_image)
-            if self.predictor is None:
-                new_interaction = estimate(sim, text, image)
-            else:  # learned module: regress onto the estimator, distil the module's predictions
-                fit = ((self.predictor(old_sim, text_mask, image_mask) - old_interaction) ** 2).mean()
-                total, parts["module_fit"] = total + fit, fit.item()
-                new_interaction = self.predictor(sim, text_mask, image_mask)
-                with torch.no_grad():
-                    old_interaction = self.predictor(old_sim, text_mask, image_mask)
-            term = banzhaf_distillation_loss(new_interaction, old_interaction, text_mask, image_mask,
-                                             cfg["banzhaf_temperature"])
-            total, parts["banzhaf"] = total + cfg["banzhaf"] * term, term.item()
-        return LossTerms(total, parts)
+        terms = self.method.losses(batch, task_index, step_seed)
+        return LossTerms(terms.total(), terms.values())
 
     # --- training ------------------------------------------------------------------------------------------------
 
@@ -284,6 +228,10 @@ class Trainer:
                         initial=self.next_task, total=len(self.tasks), position=0)
         for task_index in task_bar:
             task_bar.set_postfix(task=self.tasks[task_index].name)
+            if not self.method.train_tasks(task_index):  # a stage without training (joint after its one stage)
+                self._finish_task(task_index)
+                self._save()
+                continue
             if self.optimizer is None or self.next_epoch == 0:
                 self._start_task(task_index)
             for epoch in range(self.next_epoch, epochs):
@@ -318,13 +266,14 @@ class Trainer:
         self.old_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         generator = torch.Generator().manual_seed(derived_seed(self.config["seed"], task_index, 3))
         self.replay.add_task(task_index, len(self.tasks[task_index].train), generator)
+        self.method.end_task(task_index)
         self.next_task, self.next_epoch = task_index + 1, 0
         write_reports(self.run_dir, self.metrics_document(), self.config["eval"]["plot_metric"])
 
     def evaluate(self, task_index: int, prompt_selection: str | None = None) -> dict[str, float]:
         selection = prompt_selection or self.config["eval"]["prompt_selection"]
         return evaluate_task(self.model, self.tasks[task_index], task_index, self.device,
-                             self.config["eval"]["batch_size"], selection)
+                             self.config["eval"]["batch_size"], selection, rescore=self.method.rescore)
 
     # --- outputs and checkpoints ---------------------------------------------------------------------------------
 
@@ -351,9 +300,9 @@ class Trainer:
             "fingerprint": config_lib.fingerprint(self.config),
             "model": self.model.state_dict(),
             "old_model": self.old_model.state_dict() if self.old_model is not None else None,
-            "predictor": self.predictor.state_dict() if self.predictor is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "replay": self.replay.state_dict(),
             "next_task": self.next_task, "next_epoch": self.next_epoch,
             "results": json.dumps(self.results), "epoch_seconds": self.epoch_seconds,
@@ -379,8 +328,7 @@ class Trainer:
             self.old_model = copy.deepcopy(self.model)
             self.old_model.load_state_dict(state["old_model"])
             self.old_model.eval().requires_grad_(False)
-        if self.predictor is not None and state["predictor"] is not None:
-            self.predictor.load_state_dict(state["predictor"])
+        self.method.load_state_dict(state["method"])
         self.replay.load_state_dict(state["replay"])
         self.results = json.loads(state["results"])
         self.epoch_seconds = list(state["epoch_seconds"])

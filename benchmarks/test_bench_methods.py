@@ -1,0 +1,140 @@
+"""Per-step cost of every training method relative to ``finetune``, and the cost of DIME's re-ranking in evaluation.
+
+Run from the repository root:
+
+    python -m pytest benchmarks/test_bench_methods.py --benchmark-columns=median,min,rounds
+
+Step cost: one ``Trainer`` per method at the default config (``configs/default.yaml``: tiny model, batch 32, no
+replay — so ``er`` and ``alta`` bring their own reservoir of 128 and replay 16 samples per batch), put in the state
+of the second task without training the first (the previous-task copy exists, the replay buffer holds task 1,
+every method's ``end_task`` hook ran: EWC's Fisher, ALTA's logit memory and frozen encoders); ``joint``, which
+trains only in its first stage, is timed there (its batches come from all tasks, its cost per step is
+``finetune``'s). One timed round is
+one sweep that runs one full training step (``Trainer._step``: forward, the method's losses, backward, clipping,
+AdamW) of every method on the same batch, starting the sweep at a different method each round. Timed with one torch
+thread as process CPU time, which other jobs on a shared machine do not stretch (wall-clock time is recorded too);
+each method's cost is the median over rounds of its step's CPU time divided by ``finetune``'s in the same sweep.
+
+DIME's evaluation: scoring a gallery of 250 captions × 250 images (tiny-model token sizes T = 32, V = 17, D = 64)
+with MaxSim alone, and with DIME re-ranking each caption's and each image's top 16 (at most (250 + 250)·16 pairs
+through the interaction module instead of 250²).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+
+import pytest
+import torch
+
+from cbd_fast import config as config_lib
+from cbd_fast.methods import METHODS
+from cbd_fast.model import TokenFeatures
+from cbd_fast.train.loop import Trainer
+
+ROUNDS = 10
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One torch thread, so that the process's CPU time is the work of one step (other jobs on a shared machine
+    stretch the wall-clock time, not the CPU time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _task_two_trainer(name: str, output_dir) -> tuple[Trainer, int]:
+    """A trainer of the default config in the state of its second stage, and that stage (``joint`` trains only in
+    its first stage: it stays there)."""
+    cfg = config_lib.resolve(config_lib.builtin_config("default"),
+                             [f"method={name}", "device=cpu", f"output_dir={output_dir}", f"name={name}"])
+    trainer = Trainer(cfg, show_progress=False)
+    trainer._start_task(0)
+    if not trainer.method.train_tasks(1):
+        return trainer, 0
+    trainer.old_model = copy.deepcopy(trainer.model).eval().requires_grad_(False)
+    trainer.replay.add_task(0, len(trainer.tasks[0].train), torch.Generator().manual_seed(0))
+    trainer.method.end_task(0)
+    trainer._start_task(1)
+    return trainer, 1
+
+
+@pytest.mark.benchmark(group="method step cost (default config, task 2)")
+def test_step_cost_of_every_method(benchmark, methods_record, tmp_path):
+    names = list(METHODS)
+    trainers, stages = {}, {}
+    for name in names:
+        trainers[name], stages[name] = _task_two_trainer(name, tmp_path)
+    batches = {name: next(iter(trainer._batches(stages[name], 0)))[1] for name, trainer in trainers.items()}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    sweep = iter(range(10**6))
+
+    def one_sweep():
+        start = next(sweep) % len(names)
+        for name in names[start:] + names[:start]:
+            began, began_cpu = time.perf_counter(), time.process_time()
+            terms = trainers[name]._step(batches[name], stages[name], 7)
+            cpu[name].append(time.process_time() - began_cpu)
+            wall[name].append(time.perf_counter() - began)
+            assert torch.isfinite(terms.total), name
+
+    with single_thread():
+        benchmark.pedantic(one_sweep, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    if benchmark.disabled:
+        return
+    for name in names:
+        cpu_s, wall_s = cpu[name][1:], wall[name][1:]  # the first sweep was the warm-up
+        ratio = statistics.median(t / f for t, f in zip(cpu_s, cpu["finetune"][1:]))
+        benchmark.extra_info[f"{name}_vs_finetune"] = round(ratio, 3)
+        methods_record("step", name, dict(cpu_s=statistics.median(cpu_s), wall_s=statistics.median(wall_s),
+                                          ratio=ratio, rows=int(batches[name]["images"].shape[0]),
+                                          rounds=len(cpu_s)))
+
+
+def _gallery(count: int, length: int, dim: int, seed: int, padded: bool) -> TokenFeatures:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.nn.functional.normalize(torch.randn(count, length, dim, generator=gen), dim=-1)
+    mask = torch.ones(count, length, dtype=torch.bool)
+    if padded:
+        mask = torch.arange(length) < torch.randint(4, length + 1, (count, 1), generator=gen)
+        tokens = tokens * mask.unsqueeze(-1)
+    weight = torch.randn(count, length, generator=gen).masked_fill(~mask, 0.0)
+    pooled = torch.nn.functional.normalize(torch.randn(count, dim, generator=gen), dim=-1)
+    return TokenFeatures(tokens, mask, weight, pooled)
+
+
+GALLERY = 250  # captions and images; 24 in the --benchmark-disable smoke run
+
+
+@pytest.mark.benchmark(group=f"DIME evaluation: {GALLERY} x {GALLERY} gallery, top-16 re-ranking")
+@pytest.mark.parametrize("variant", ["maxsim", "maxsim + dime re-ranking"])
+def test_dime_reranking_cost(benchmark, variant, methods_record, tmp_path):
+    from cbd_fast.eval.evaluate import gallery_scores
+
+    trainer, _ = _task_two_trainer("dime", tmp_path)
+    size = 24 if benchmark.disabled else GALLERY
+    text, image = _gallery(size, 32, 64, 0, True), _gallery(size, 17, 64, 1, False)
+
+    cpu = []
+
+    def score():
+        began = time.process_time()
+        scores = gallery_scores(text, image)
+        scores = trainer.method.rescore(text, image, scores) if variant != "maxsim" else scores
+        cpu.append(time.process_time() - began)
+        return scores
+
+    with single_thread():
+        scores = benchmark.pedantic(score, rounds=3, warmup_rounds=0, iterations=1)
+    assert scores.shape == (size, size) and torch.isfinite(scores).all()
+    if not benchmark.disabled:
+        reranked = int((scores > gallery_scores(text, image).max()).sum()) if variant != "maxsim" else 0
+        methods_record("dime_eval", variant, dict(cpu_s=statistics.median(cpu), wall_s=benchmark.stats.stats.median,
+                                                  pairs=reranked, gallery=size))

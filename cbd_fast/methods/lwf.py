@@ -1,0 +1,32 @@
+"""``lwf``: Learning without Forgetting for retrieval (KL between old and new score rows)."""
+from __future__ import annotations
+
+from ..train.losses import sample_distillation_loss
+from .base import Method
+
+
+class LwF(Method):
+    """Learning without Forgetting (Li & Hoiem 2016), for retrieval: on the current (and replay) batch, the KL
+    from the previous-task model's row-softmax of the MaxSim score matrix to the current model's, text→image and
+    image→text, at temperature ``temperature`` (DESIGN §6's ``L_sample``).
+
+    Preserves: how the previous-task model ranks the batch's images for each caption and captions for each image.
+
+    Defaults: ``weight: 1.0`` (λ), ``temperature: 0.05``, ``prompt: 0.1``. Identical to ``cbd`` with
+    ``token: 0, banzhaf: 0`` (its sample-only ablation), kept under its standard name. Combines with replay.
+
+    Distributed training: the contrastive and the KL terms are defined on the global batch (score rows over all
+    ranks' samples).
+    """
+
+    name = "lwf"
+    defaults = dict(Method.defaults, weight=1.0, temperature=0.05)
+    positive = ("temperature",)
+
+    def loss_terms(self, student, batch, task_index, step_seed):
+        terms = super().loss_terms(student, batch, task_index, step_seed)
+        teacher = self.teacher(batch)
+        if teacher is not None and self.args["weight"]:
+            terms.add("lwf", sample_distillation_loss(student.scores.float(), teacher.scores.float(),
+                                                      self.args["temperature"]), self.args["weight"])
+        return terms
