@@ -42,7 +42,10 @@ DEFAULTS: dict[str, Any] = {
         "module_hidden": 32,
         "prompt": 0.1,  # λ_p
     },
-    "eval": {"batch_size": 128, "prompt_selection": "key", "plot_metric": "mean_R@1"},
+    # DESIGN §7: every caption of a test image is a query (all | first); cumulative: also retrieve within the
+    # test sets of all tasks seen so far (per-task galleries are always evaluated)
+    "eval": {"batch_size": 128, "prompt_selection": "key", "plot_metric": "mean_R@1", "captions": "all",
+             "cumulative": True},
 }
 
 
