@@ -211,8 +211,10 @@ def to_markdown(report: Report) -> str:
     for group, row in zip(report.groups, report.cells):
         cells = [_cell(m, s, _digits(c)) for c, (m, s) in enumerate(row)]
         lines.append("| " + " | ".join([group.scenario, group.method, _seeds(group), *cells]) + " |")
-    lines += ["", *legend(report)]
-    lines += [f"- {note}" for note in report.notes]
+    for paragraph in legend(report):
+        lines += ["", paragraph]
+    if report.notes:
+        lines += ["", *(f"- {note}" for note in report.notes)]
     return "\n".join(lines) + "\n"
 
 
