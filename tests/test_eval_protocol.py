@@ -120,7 +120,7 @@ def test_nan_scores_are_an_error_naming_the_task(model_and_tasks, monkeypatch):
 @pytest.mark.parametrize("key, value, message", [
     ("captions", "some", "eval.captions must be one of all, first"),
     ("cumulative", "yes", "eval.cumulative must be true or false"),
-    ("prompt_selection", "vote", "eval.prompt_selection must be 'key' or 'task_id'"),
+    ("prompt_selection", "vote", "eval.prompt_selection must be one of key, task_id"),
     ("plot_metric", "R@1", "eval.plot_metric must be one of"),
     ("batch_size", 0, "eval.batch_size must be an integer >= 1"),
 ])

@@ -31,24 +31,25 @@ TEXT_BLOCK = 1024
 SCORE_BLOCK_ELEMENTS = 2**23
 
 
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"eval.{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def check_eval_config(eval_cfg: dict[str, Any]) -> None:
     """Validate the ``eval:`` keys this module reads; errors name the key and what was expected."""
-    if eval_cfg.get("captions") not in CAPTIONS:
-        raise ValueError(f"eval.captions must be one of {', '.join(CAPTIONS)}, got {eval_cfg.get('captions')!r}")
-    if eval_cfg.get("prompt_selection") not in PROMPT_SELECTION:
-        raise ValueError(f"eval.prompt_selection must be 'key' or 'task_id', got {eval_cfg.get('prompt_selection')!r}")
+    _check_choice("captions", eval_cfg.get("captions"), CAPTIONS)
+    _check_choice("prompt_selection", eval_cfg.get("prompt_selection"), PROMPT_SELECTION)
     if not isinstance(eval_cfg.get("cumulative"), bool):
         raise ValueError(f"eval.cumulative must be true or false, got {eval_cfg.get('cumulative')!r}")
     batch_size = eval_cfg.get("batch_size")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"eval.batch_size must be an integer >= 1, got {batch_size!r}")
-    if eval_cfg.get("plot_metric") not in METRIC_NAMES:
-        raise ValueError(f"eval.plot_metric must be one of {', '.join(METRIC_NAMES)}, got "
-                         f"{eval_cfg.get('plot_metric')!r}")
+    _check_choice("plot_metric", eval_cfg.get("plot_metric"), METRIC_NAMES)
 
 
 @dataclass
-class TestItems:
+class EvalItems:
     """The test captions and images of a list of tasks, in task order.
 
     ``captions[q]`` describes image ``caption_image[q]``; ``caption_task[q]`` and ``image_task[g]`` are 0-based
@@ -74,10 +75,9 @@ class TestItems:
         return self.caption_image[caption_rows, None] == images[None, :]
 
 
-def collect_test_items(tasks, captions: str = "all") -> TestItems:
+def collect_test_items(tasks, captions: str = "all") -> EvalItems:
     """Every test caption (or the first of each image) and image of ``tasks``."""
-    if captions not in CAPTIONS:
-        raise ValueError(f"eval.captions must be one of {', '.join(CAPTIONS)}, got {captions!r}")
+    _check_choice("captions", captions, CAPTIONS)
     texts, caption_image, caption_task, image_task, labels = [], [], [], [], []
     caption_start, image_start = [0], [0]
     for task_index, task in enumerate(tasks):
@@ -92,9 +92,9 @@ def collect_test_items(tasks, captions: str = "all") -> TestItems:
         labels.append(dataset.labels.reshape(-1))
         caption_start.append(len(texts))
         image_start.append(len(image_task))
-    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return TestItems(texts, as_long(caption_image), as_long(caption_task), as_long(image_task),
-                     torch.cat(labels) if labels else as_long([]), caption_start, image_start)
+    return EvalItems(texts, torch.tensor(caption_image, dtype=torch.long), torch.tensor(caption_task, dtype=torch.long),
+                     torch.tensor(image_task, dtype=torch.long),
+                     torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long), caption_start, image_start)
 
 
 def count_test_items(tasks, captions: str = "all") -> dict[str, list[int]]:
@@ -184,7 +184,7 @@ def score_blocks(text_blocks, image, num_texts: int) -> torch.Tensor:
     return scores
 
 
-def score_captions(model, items: TestItems, caption_rows: slice, image, image_cols: slice, device: torch.device,
+def score_captions(model, items: EvalItems, caption_rows: slice, image, image_cols: slice, device: torch.device,
                    batch_size: int, task_id: bool) -> torch.Tensor:
     """Scores of the captions ``caption_rows`` of ``items`` against the encoded images ``image_cols``."""
     captions = items.captions[caption_rows]

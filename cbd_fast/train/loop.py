@@ -228,7 +228,7 @@ class Trainer:
         return terms
 
     def run(self) -> dict[str, Any]:
-        """Train every remaining task, evaluating after each; returns the metrics document."""
+        """Train every remaining task, evaluating before the first and after each; returns the metrics document."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
         if not self.results:  # row 0 of every accuracy matrix: the model before any training
