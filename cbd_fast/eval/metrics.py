@@ -36,8 +36,9 @@ def _check_scores(scores: torch.Tensor, positive: torch.Tensor, where: str) -> N
                          f"got {positive.dtype} {tuple(positive.shape)}")
     if scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"{where}: empty score matrix {tuple(scores.shape)}: no queries or no gallery items")
-    if not bool(torch.isfinite(scores).all()):
-        bad = (~torch.isfinite(scores)).sum().item()
+    # chunk by chunk: isfinite of the whole matrix would hold a float copy and two masks of it at once
+    bad = sum(int((~torch.isfinite(scores[start:stop])).sum()) for start, stop in _row_chunks(*scores.shape))
+    if bad:
         raise ValueError(f"{where}: {bad} of {scores.numel()} retrieval scores are NaN or infinite; a model "
                          "that produces them cannot be ranked (did training diverge?)")
 
