@@ -15,8 +15,10 @@ RESULTS_KEY = pytest.StashKey[dict]()
 MAXSIM_KEY = pytest.StashKey[dict]()
 GPU_KEY = pytest.StashKey[dict]()
 METHODS_KEY = pytest.StashKey[dict]()
+EVAL_KEY = pytest.StashKey[dict]()
 RESULTS_FILE = Path(__file__).parent / "results" / "cpu_banzhaf.md"
 MAXSIM_FILE = Path(__file__).parent / "results" / "cpu_maxsim.md"
+EVAL_FILE = Path(__file__).parent / "results" / "cpu_eval.md"
 
 # (label, size, mode, slower variant, target speed-up of "cpu" over it). Ratios compare per-draw times, which
 # equal the ratio of medians wherever both variants ran the same number of draws.
@@ -43,6 +45,7 @@ def pytest_configure(config):
     config.stash[MAXSIM_KEY] = {}
     config.stash[GPU_KEY] = {}
     config.stash[METHODS_KEY] = {}
+    config.stash[EVAL_KEY] = {}
     config.stash[LOAD_AT_START_KEY] = _load_average()
 
 
@@ -75,6 +78,12 @@ def methods_record(request):
 
     def record(table, name, row):
         results.setdefault(table, {})[name] = row
+def eval_record(request):
+    """record(info, metrics): the evaluation benchmark's measurements (extra_info) and its metrics."""
+    results = request.config.stash[EVAL_KEY]
+
+    def record(info, metrics):
+        results.update(info=info, metrics=metrics)
 
     return record
 
@@ -111,6 +120,18 @@ def _write_methods_summary(terminalreporter, config) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     terminalreporter.write_line(f"written to {path}")
+def _eval_summary(info: dict, metrics: dict) -> list[str]:
+    mib = 2**20
+    return [
+        "| captions × images | mean tokens per caption (padded in blocks) | scoring | metrics (both directions) | "
+        "peak memory above the inputs | inputs (token features) |", "|---|---|---|---|---|---|",
+        f"| {info['num_captions']:,} × {info['num_images']:,} | {info['mean_caption_tokens']:.1f} "
+        f"({info['mean_padded_tokens']:.1f}) | {_format_time(info['scoring_s'])} | {_format_time(info['metrics_s'])} "
+        f"| {info['peak_cpu_bytes'] / mib:,.0f} MiB | {info['feature_bytes'] / mib:,.0f} MiB |", "",
+        "The peak holds the float32 score matrix (captions × images × 4 bytes) and the positive mask (1 byte per "
+        "entry) plus the chunked working memory; random features, so the recalls are chance level: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith(("R@1", "MedR"))) + ".",
+    ]
 
 
 def _maxsim_summary(results: dict) -> list[str]:
@@ -255,9 +276,25 @@ def _write_gpu_summary(terminalreporter, config) -> None:
     terminalreporter.write_line(f"written to {path}")
 
 
+def _write_eval_summary(terminalreporter, config) -> None:
+    results = config.stash.get(EVAL_KEY, {})
+    if not results:
+        return
+    lines = _eval_summary(results["info"], results["metrics"])
+    terminalreporter.write_sep("=", "evaluation CPU benchmark summary")
+    for line in lines:
+        terminalreporter.write_line(line)
+    header = ["# CPU benchmark: retrieval evaluation at COCO 5k test size (25k captions × 5k images, vit_b32 token "
+              "features: D=512, V=50; benchmarks/test_bench_eval.py)", "", *_machine_info(config), ""]
+    EVAL_FILE.parent.mkdir(parents=True, exist_ok=True)
+    EVAL_FILE.write_text("\n".join([*header, *lines, ""]), encoding="utf-8")
+    terminalreporter.write_line(f"written to {EVAL_FILE}")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _write_gpu_summary(terminalreporter, config)
     _write_methods_summary(terminalreporter, config)
+    _write_eval_summary(terminalreporter, config)
     maxsim_results = config.stash.get(MAXSIM_KEY, {})
     if maxsim_results:
         lines = _maxsim_summary(maxsim_results)

@@ -222,10 +222,9 @@ def _eval(args: argparse.Namespace) -> int:
         cfg["device"] = args.device
     trainer = Trainer(cfg, show_progress=False)
     trainer.resume(args.checkpoint)
-    trained = max(1, len(trainer.results))
-    trainer.model.set_num_active_prompts(trained)
-    results = [trainer.evaluate(j, args.prompt_selection) for j in range(len(trainer.tasks))]
-    trainer.results = trainer.results[:trained - 1] + [results]
+    trained = max(0, len(trainer.results) - 1)  # results[0] is the evaluation before training
+    trainer.model.set_num_active_prompts(max(1, trained))
+    trainer.results[trained:] = [trainer.evaluate_all(trained, args.prompt_selection)]
     print(format_table(trainer.metrics_document()))
     return 0
 

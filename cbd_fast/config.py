@@ -259,6 +259,8 @@ RULES: dict[str, Rule] = {
     "method_args": lambda v: None if isinstance(v, dict) else "a mapping of the method's arguments",
     "eval.batch_size": _integer(1),
     "eval.prompt_selection": _choice("key", "task_id"),
+    "eval.captions": _choice("all", "first"),
+    "eval.cumulative": _choice(True, False),
     "eval.plot_metric": _text,
 }
 

@@ -1,5 +1,6 @@
 """End to end: cbd-train on a minutes-sized scenario with every loss on; outputs, metric ranges, exact resume,
-the run-folder policy, resume checks, and a run stopped by a non-finite loss."""
+the run-folder policy, resume checks, a run stopped by a non-finite loss, cbd-report on finished and unfinished
+runs, cbd-eval."""
 import csv
 import json
 import os
@@ -11,8 +12,8 @@ import yaml
 
 import cbd_fast
 from cbd_fast.cli import eval_main, train_main
-from cbd_fast.eval.compare import compare
-from cbd_fast.train import checkpoint, loop
+from cbd_fast.eval.compare import main as report_main
+from cbd_fast.train import checkpoint
 
 pytestmark = pytest.mark.skipif(not cbd_fast.has_extension(), reason="training uses the compiled ops")
 
@@ -42,44 +43,68 @@ def _metrics(tmp_path, name):
 def test_train_outputs_and_exact_resume(tmp_path, capsys):
     old_umask = os.umask(0o022)
     try:
-        assert _run(tmp_path, "full") == 0
+        assert _run(tmp_path, "cbd_s3") == 0
     finally:
         os.umask(old_umask)
     printed = capsys.readouterr().out
-    assert "forgetting" in printed and "average" in printed
-    run = tmp_path / "runs" / "full"
+    assert "forgetting" in printed and "Avg (final)" in printed and "FWT" in printed
+    run = tmp_path / "runs" / "cbd_s3"
     for name in ("config.yaml", "metrics.json", "metrics.csv", "accuracy_matrix.png", "task_curves.png",
                  "checkpoints/last.pt"):
         assert (run / name).is_file(), name
-    for name in ("config.yaml", "checkpoints/last.pt"):  # readable by the group, not 0600
-        assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name
+    for name in ("config.yaml", "checkpoints/last.pt", "metrics.json", "metrics.csv", "accuracy_matrix.png",
+                 "task_curves.png"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name  # readable by the group, like open()
     recorded = yaml.safe_load((run / "config.yaml").read_text())
     assert recorded["device"] == "cpu" and recorded["data"] == TINY["data"]
-
-    # a second run into the same folder is refused: the finished run stays as it was
-    before = (run / "checkpoints" / "last.pt").read_bytes()
-    assert _run(tmp_path, "full") == 2
-    assert "already holds a run, finished (2/2 tasks trained); --resume" in capsys.readouterr().err
-    assert (run / "checkpoints" / "last.pt").read_bytes() == before
-    document = _metrics(tmp_path, "full")
-    assert document["tasks_trained"] == 2
-    matrix = document["accuracy_matrices"]["mean_R@1"]
-    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
-    for row in document["per_task_results"]:
-        for metrics in row["results"]:
-            assert all(0.0 <= value <= 100.0 for value in metrics.values())
-    assert "t2i_mAP" in document["per_task_results"][0]["results"][0]  # the synthetic tasks carry labels
-    assert len(document["seconds_per_epoch"]) == 4
-    with (run / "metrics.csv").open() as stream:
-        rows = list(csv.DictReader(stream))
-    assert len(rows) == 4 and {"after_task", "eval_task", "t2i_R@1"} <= set(rows[0])
-    recorded = yaml.safe_load((run / "config.yaml").read_text())
     assert recorded["method"] == "cbd" and recorded["method_args"]["banzhaf"] == 1.0
     assert recorded["method_args"]["banzhaf_estimator"] == "paired"  # defaults are filled in and recorded
 
-    # interrupted after 3 of 4 epochs (mid task 2), then resumed: the same metrics as the uninterrupted run
+    # a second run into the same folder is refused: the finished run stays as it was
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    assert _run(tmp_path, "cbd_s3") == 2
+    assert "already holds a run, finished (2/2 tasks trained); --resume" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    document = _metrics(tmp_path, "cbd_s3")
+    assert document["tasks_trained"] == 2
+    assert document["protocol"]["test_captions"] == [3 * n for n in document["protocol"]["test_images"]]
+    for gallery in ("per_task", "cumulative"):  # both galleries, each with the pre-training row
+        content = document["galleries"][gallery]
+        matrix = content["matrices"]["mean_R@1"]
+        assert len(matrix) == 3 and all(len(row) == 2 for row in matrix)
+        for metric, rows in content["matrices"].items():
+            for row in rows:
+                assert all(v >= 1.0 if metric.endswith("MedR") else 0.0 <= v <= (600.0 if metric == "rsum" else 100.0)
+                           for v in row), metric
+        summary = content["summary"]["mean_R@1"]
+        assert summary["forward_transfer"] == pytest.approx(matrix[1][1] - matrix[0][1])
+        assert summary["final_average"] == pytest.approx((matrix[2][0] + matrix[2][1]) / 2)
+    per_task, cumulative = (document["galleries"][g]["matrices"]["mean_R@1"] for g in ("per_task", "cumulative"))
+    assert cumulative[0][0] == per_task[0][0] and cumulative[1][0] == per_task[1][0]  # gallery: task 1 alone
+    assert "t2i_mAP" in document["galleries"]["per_task"]["matrices"]  # the synthetic tasks carry labels
+    assert len(document["seconds_per_epoch"]) == 4 and len(document["evaluation_seconds"]) == 3
+    with (run / "metrics.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 2 * (3 * 2 + 8)  # 2 galleries x (3 rows x 2 tasks + 8 summaries)
+    assert rows[0]["after_task"] == "0" and rows[0]["task"] == "1" and rows[0]["summary"] == ""
+    assert not any(value.startswith("-0.00") for row in rows for value in row.values())
+    assert all(len(value.split(".")[-1]) == 2 for row in rows for value in (row["t2i_R@1"],) if value)
+
+    # interrupted after 3 of 4 epochs (mid task 2); cbd-report on it, a second seed and the first run
     assert _run(tmp_path, "interrupted", ["--stop-after-epochs", "3"]) == 0
     assert _metrics(tmp_path, "interrupted")["tasks_trained"] == 1
+    assert _run(tmp_path, "cbd_s4", ["seed=4"]) == 0
+    capsys.readouterr()
+    report = tmp_path / "report"
+    assert report_main([str(tmp_path / "runs" / n) for n in ("cbd_s3", "cbd_s4", "interrupted")]
+                       + ["--out", str(report)]) == 0
+    markdown = (report / "report.md").read_text()
+    assert "| cbd | 2 (3, 4) |" in markdown and "interrupted: unfinished (1/2 tasks trained)" in markdown
+    for name in ("report.csv", "report.tex", "stability_plasticity.png"):
+        assert (report / name).stat().st_size > 0
+    with (report / "report.csv").open() as stream:
+        assert [row["runs"] for row in csv.DictReader(stream)] == ["cbd_s3 cbd_s4"]
+
     capsys.readouterr()
     # under another config the run cannot be resumed: the message lists what differs
     assert _run(tmp_path, "interrupted", ["--resume", "train.lr=0.01", "data.num_tasks=3"]) == 2
@@ -89,18 +114,14 @@ def test_train_outputs_and_exact_resume(tmp_path, capsys):
     stale.write_bytes(b"partial")
     assert _run(tmp_path, "interrupted", ["--resume"]) == 0
     assert not stale.exists()
-    resumed = _metrics(tmp_path, "interrupted")
-    assert resumed["accuracy_matrices"] == document["accuracy_matrices"]
+    resumed = _metrics(tmp_path, "interrupted")  # the uninterrupted run's metrics, pre-training row and
+    assert resumed["galleries"] == document["galleries"]  # cumulative gallery included
     # resuming a finished run says so, and trains nothing
     capsys.readouterr()
     assert _run(tmp_path, "interrupted", ["--resume"]) == 0
     captured = capsys.readouterr()
     assert "the run is finished (all 2 tasks trained); nothing to resume" in captured.err
     assert "forgetting" in captured.out and _metrics(tmp_path, "interrupted") == resumed
-
-    # the comparison table groups runs by name and reads their summaries
-    table = compare([run, tmp_path / "runs" / "interrupted"])
-    assert table.count("\n| full | 1 |") == 1 and "| interrupted | 1 |" in table
 
     # cbd-eval on the final checkpoint prints the same table
     capsys.readouterr()

@@ -1,4 +1,4 @@
-"""Pieces of the training stack that stand alone: metrics, summaries, losses, replay, checkpoints, config."""
+"""Pieces of the training stack that stand alone: losses, replay, checkpoints, config (metrics: test_eval_metrics)."""
 import errno
 import math
 import os
@@ -10,39 +10,10 @@ import torch
 import yaml
 
 from cbd_fast import config as config_lib
-from cbd_fast.eval.metrics import continual_summary, retrieval_metrics
 from cbd_fast.train import checkpoint
 from cbd_fast.train.losses import (InteractionPredictor, banzhaf_distillation_loss, contrastive_loss,
                                    sample_distillation_loss, token_similarity_loss)
 from cbd_fast.train.replay import ReplayBuffer
-
-
-def test_retrieval_metrics_by_hand():
-    # text 0 -> image 0 ranked 1st; text 1 -> image 1 ranked 2nd; text 2 -> image 2 ranked 3rd
-    scores = torch.tensor([[0.9, 0.1, 0.2], [0.8, 0.5, 0.1], [0.7, 0.6, 0.3]])
-    m = retrieval_metrics(scores, labels=torch.tensor([0, 0, 1]))
-    assert m["t2i_R@1"] == pytest.approx(100 / 3)
-    assert m["t2i_R@5"] == pytest.approx(100.0)
-    assert m["t2i_MRR"] == pytest.approx(100 * (1 + 1 / 2 + 1 / 3) / 3)
-    # image->text: column 0 ranks text 0 first (0.9); column 1: text 2 (0.6) above text 1 (0.5); column 2: 0.3 top
-    assert m["i2t_R@1"] == pytest.approx(200 / 3)
-    # class-level AP for text 2 (label 1): only image 2 relevant, ranked 3rd -> AP 1/3
-    assert 0 < m["t2i_mAP"] < 100
-    assert m["mean_R@1"] == pytest.approx(0.5 * (m["t2i_R@1"] + m["i2t_R@1"]))
-
-
-def test_retrieval_metrics_rejects_non_square():
-    with pytest.raises(ValueError, match="square"):
-        retrieval_metrics(torch.zeros(2, 3))
-
-
-def test_continual_summary():
-    matrix = [[80.0], [60.0, 70.0], [50.0, 65.0, 90.0]]
-    s = continual_summary(matrix)
-    assert s["final_average"] == pytest.approx((50 + 65 + 90) / 3)
-    assert s["forgetting"] == pytest.approx(((80 - 50) + (70 - 65)) / 2)
-    assert s["backward_transfer"] == pytest.approx(((50 - 80) + (65 - 70)) / 2)
-    assert math.isnan(continual_summary([[10.0]])["forgetting"])
 
 
 def test_losses_are_zero_when_teacher_equals_student_and_positive_otherwise():

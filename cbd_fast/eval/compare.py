@@ -1,55 +1,323 @@
-"""Compare finished runs: mean ± std over seeds of final average, forgetting and time per epoch.
+"""``cbd-report``: compare finished runs as a paper would, mean ± std over seeds.
 
-    python -m cbd_fast.eval.compare runs/finetune_s0 runs/finetune_s1 runs/cbd_s0 ...
+    cbd-report runs/* [--out report] [--metric mean_R@1]
+    python -m cbd_fast.eval.compare runs/*          (the same)
 
-Runs whose names differ only in a trailing ``_s<seed>`` form one group (one row of the table).
+Runs form a group when their resolved configs (``config.yaml``) are equal except for the run's name, output
+folder, device, thread count, evaluation batch size and ``seed`` — so within a group only the seed varies (which
+also draws the synthetic data). Groups are labelled by scenario and by the run name without its ``_s<seed>``
+suffix. Unfinished runs, folders without a ``metrics.json`` and runs evaluated under an older protocol are listed
+in a note and left out. Writes ``report.md``, ``report.csv``, ``report.tex`` and ``stability_plasticity.png``
+(final average against forgetting, one small point per run, one point per group with ± std error bars).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
-import math
 import pathlib
 import re
 import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Any
 
-COLUMNS = (("mean_R@1", "final_average", "avg R@1"), ("mean_R@1", "forgetting", "forgetting R@1"),
-           ("t2i_mAP", "final_average", "avg mAP"), ("t2i_mAP", "forgetting", "forgetting mAP"))
+import yaml
+
+from .metrics import METRIC_NAMES
+from .report import save_figure, write_file
+
+# Config keys that do not change what a run computes: a group may differ in these.
+NON_DEFINING_KEYS = ("name", "seed", "output_dir", "device", "threads", "eval.batch_size")
+# (gallery, summary, column title) of the table; values of the chosen metric
+COLUMNS = (("per_task", "final_average", "Avg"), ("per_task", "learning_accuracy", "LA"),
+           ("per_task", "forgetting", "F"), ("per_task", "backward_transfer", "BWT"),
+           ("per_task", "forward_transfer", "FWT"), ("per_task", "transfer", "Transfer"),
+           ("cumulative", "final_average", "cum. Avg"))
+TIMING_NOTE = ("s / epoch: per run, the median over every epoch of tasks 2..N (the tasks trained with a teacher; "
+               "training steps only, evaluation excluded), then mean ± std over the group's runs — the same epochs "
+               "for every method; compare it only between runs made on the same machine under the same load")
 
 
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
+@dataclass
+class Run:
+    path: pathlib.Path
+    name: str
+    seed: Any
+    config: dict[str, Any]
+    document: dict[str, Any]
+
+    def value(self, gallery: str, summary: str, metric: str) -> float | None:
+        content = self.document["galleries"].get(gallery)
+        if content is None or metric not in content["summary"]:
+            return None
+        return content["summary"][metric][summary]
+
+    def seconds_per_epoch(self) -> float | None:
+        """Median seconds of the epochs of tasks 2..N (all epochs for a one-task scenario)."""
+        seconds, history = self.document.get("seconds_per_epoch", []), self.document.get("loss_history", [])
+        if not seconds or len(seconds) != len(history):
+            return None
+        later = [s for s, entry in zip(seconds, history) if entry.get("task", 0) >= 1]
+        return statistics.median(later or seconds)
+
+
+@dataclass
+class Group:
+    scenario: str
+    method: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list:
+        return [run.seed for run in self.runs]
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _defining(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in _flatten(config).items() if k not in NON_DEFINING_KEYS}
+
+
+def load_run(path: pathlib.Path) -> tuple[Run | None, str | None]:
+    """``(run, None)`` for a finished run under the current protocol, else ``(None, why it is left out)``."""
+    metrics, config_file = path / "metrics.json", path / "config.yaml"
+    if not metrics.is_file():
+        return None, f"{path}: no metrics.json (not started, or not a run folder)"
+    try:
+        document = json.loads(metrics.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return None, f"{path}: metrics.json unreadable ({error})"
+    if "galleries" not in document:
+        return None, f"{path}: metrics.json predates the evaluation protocol (no pre-training row); re-run it"
+    if document["tasks_trained"] < len(document["tasks"]):
+        return None, f"{path}: unfinished ({document['tasks_trained']}/{len(document['tasks'])} tasks trained)"
+    if not config_file.is_file():
+        return None, f"{path}: no config.yaml, so its method and seed are unknown"
+    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    return Run(path, document["name"], config.get("seed"), config, document), None
+
+
+def _scenario_label(run: Run) -> str:
+    data = run.config.get("data", {})
+    if isinstance(data, str):
+        label = pathlib.Path(data).stem
+    else:
+        label = str(data.get("name") or data.get("scenario", "synthetic"))
+    return f"{label} ({len(run.document['tasks'])} tasks)"
+
+
+def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
+    """Runs grouped by equal defining config (see module doc), labelled; and notes on what to watch."""
+    by_config: dict[str, list[Run]] = {}
+    for run in runs:
+        by_config.setdefault(json.dumps(_defining(run.config), sort_keys=True, default=str), []).append(run)
+    groups, notes = [], []
+    for members in by_config.values():
+        stems = list(dict.fromkeys(re.sub(r"_s\d+$", "", run.name) for run in members))
+        groups.append(Group(_scenario_label(members[0]), "/".join(stems), members))
+        seeds = [run.seed for run in members]
+        repeated = sorted({str(s) for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            notes.append(f"{'/'.join(stems)}: seed(s) {', '.join(repeated)} appear in more than one run; each run "
+                         "counts once in the mean")
+    # groups that share a label differ in some config key: name it
+    labels: dict[tuple[str, str], list[Group]] = {}
+    for group in groups:
+        labels.setdefault((group.scenario, group.method), []).append(group)
+    for same in labels.values():
+        if len(same) < 2:
+            continue
+        flats = [_defining(group.runs[0].config) for group in same]
+        keys = sorted({k for flat in flats for k in flat if len({json.dumps(f.get(k), default=str) for f in flats}) > 1})
+        for group, flat in zip(same, flats):
+            group.method += " [" + ", ".join(f"{k}={flat.get(k)}" for k in keys) + "]"
+    return groups, notes
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
     if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+@dataclass
+class Report:
+    metric: str
+    groups: list[Group]
+    notes: list[str]
+    # per group: list of (mean, std) for COLUMNS then seconds per epoch
+    cells: list[list[tuple[float | None, float | None]]]
+
+    @property
+    def headers(self) -> list[str]:
+        return [title for _, _, title in COLUMNS] + ["s / epoch"]
+
+
+def build_report(paths: list[pathlib.Path], metric: str = "mean_R@1") -> Report:
+    if metric not in METRIC_NAMES:
+        raise ValueError(f"--metric must be one of {', '.join(METRIC_NAMES)}, got {metric!r}")
+    runs, notes = [], []
+    for path in paths:
+        run, why = load_run(path)
+        if run is None:
+            notes.append(f"left out: {why}")
+        else:
+            runs.append(run)
+    groups, group_notes = group_runs(runs)
+    cells = []
+    for group in groups:
+        row = [_mean_std([run.value(g, s, metric) for run in group.runs]) for g, s, _ in COLUMNS]
+        row.append(_mean_std([run.seconds_per_epoch() for run in group.runs]))
+        cells.append(row)
+    return Report(metric, groups, notes + group_notes, cells)
+
+
+def _cell(mean: float | None, std: float | None, digits: int, plus_minus: str = " ± ") -> str:
+    if mean is None:
         return "n/a"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {std:.1f}"
+    return f"{mean:.{digits}f}" + ("" if std is None else f"{plus_minus}{std:.{digits}f}")
 
 
-def compare(run_dirs: list[pathlib.Path]) -> str:
-    """A markdown table, one row per group of seeds, in the order the groups first appear."""
-    groups: dict[str, list[dict]] = {}
-    for run_dir in run_dirs:
-        document = json.loads((run_dir / "metrics.json").read_text())
-        group = re.sub(r"_s\d+$", "", document["name"])
-        groups.setdefault(group, []).append(document)
-    header = ["method", "seeds", *(label for _, _, label in COLUMNS), "s / epoch"]
+def _digits(column: int) -> int:
+    return 2 if column == len(COLUMNS) else 1  # seconds per epoch: 2 decimals
+
+
+def _seeds(group: Group) -> str:
+    return f"{len(group.runs)} ({', '.join(str(s) for s in group.seeds)})"
+
+
+def legend(report: Report) -> list[str]:
+    return [f"Metric: {report.metric} (DESIGN §7), mean ± sample std over the runs of a group; a group's runs have "
+            "equal configs except the seed (which also draws the synthetic data); n/a: undefined (e.g. fewer than "
+            "2 tasks) or not evaluated. Avg = final average over tasks, LA = learning accuracy, F = forgetting "
+            "(Chaudhry), BWT/FWT (Lopez-Paz & Ranzato, FWT against the pre-training row), Transfer (MTIL), "
+            "cum. Avg = final average in the cumulative gallery.", TIMING_NOTE]
+
+
+def to_markdown(report: Report) -> str:
+    header = ["scenario", "method", "seeds", *report.headers]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for group, documents in groups.items():
-        cells = [group, str(len(documents))]
-        for metric, key, _ in COLUMNS:
-            cells.append(_mean_std([d["summary"][metric][key] for d in documents if metric in d["summary"]]))
-        cells.append(_mean_std([statistics.mean(d["seconds_per_epoch"]) for d in documents]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    for group, row in zip(report.groups, report.cells):
+        cells = [_cell(m, s, _digits(c)) for c, (m, s) in enumerate(row)]
+        lines.append("| " + " | ".join([group.scenario, group.method, _seeds(group), *cells]) + " |")
+    for paragraph in legend(report):
+        lines += ["", paragraph]
+    if report.notes:
+        lines += ["", *(f"- {note}" for note in report.notes)]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(report: Report) -> str:
+    stream = io.StringIO()
+    writer = csv.writer(stream, lineterminator="\n")
+    keys = [f"{g}_{s}" for g, s, _ in COLUMNS] + ["seconds_per_epoch"]
+    writer.writerow(["scenario", "method", "metric", "num_runs", "seeds", "runs",
+                     *(f"{k}_{stat}" for k in keys for stat in ("mean", "std"))])
+    for group, row in zip(report.groups, report.cells):
+        values = []
+        for c, (mean, std) in enumerate(row):
+            digits = 3 if c == len(COLUMNS) else 2
+            values += ["" if mean is None else f"{mean:.{digits}f}", "" if std is None else f"{std:.{digits}f}"]
+        writer.writerow([group.scenario, group.method, report.metric, len(group.runs),
+                         " ".join(str(s) for s in group.seeds), " ".join(run.name for run in group.runs), *values])
+    return stream.getvalue()
+
+
+def _latex_escape(text: str) -> str:
+    return re.sub(r"([_%&#$])", r"\\\1", text)
+
+
+def to_latex(report: Report) -> str:
+    header = ["Scenario", "Method", "Seeds", *report.headers]
+    lines = ["% cbd-report: " + _latex_escape(f"{report.metric}, mean ± std over seeds; notes in report.md"),
+             r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
+             " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for group, row in zip(report.groups, report.cells):
+        cells = [_cell(m, s, _digits(c), r" \pm ") for c, (m, s) in enumerate(row)]
+        cells = [c if c == "n/a" else f"${c}$" for c in cells]
+        lines.append(" & ".join([_latex_escape(group.scenario), _latex_escape(group.method), str(len(group.runs)),
+                                 *cells]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_stability_plasticity(report: Report, path: pathlib.Path) -> None:
+    """Final average (plasticity and retention) against forgetting (stability), per scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(group.scenario for group in report.groups)) or ["no finished runs"]
+    fig, axes = plt.subplots(1, len(scenarios), squeeze=False, figsize=(5.2 * len(scenarios), 4.2))
+    for ax, scenario in zip(axes[0], scenarios):
+        for index, (group, row) in enumerate(zip(report.groups, report.cells)):
+            if group.scenario != scenario:
+                continue
+            color = f"C{index % 10}"
+            points = [(run.value("per_task", "forgetting", report.metric),
+                       run.value("per_task", "final_average", report.metric)) for run in group.runs]
+            points = [p for p in points if None not in p]
+            ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, alpha=0.35, color=color)
+            (avg, avg_std), (forget, forget_std) = row[0], row[2]
+            if avg is not None and forget is not None:
+                ax.errorbar(forget, avg, xerr=forget_std or 0.0, yerr=avg_std or 0.0, fmt="o", color=color,
+                            capsize=3, markersize=6, label=f"{group.method} (n={len(group.runs)})")
+        ax.set_xlabel(f"forgetting, {report.metric} (lower = more stable)")
+        ax.set_ylabel(f"final average, {report.metric}")
+        ax.set_title(scenario, fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("stability–plasticity: runs (small) and group mean ± std over seeds", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_report(report: Report, out: pathlib.Path) -> list[pathlib.Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "report.md", out / "report.csv", out / "report.tex", out / "stability_plasticity.png"]
+    write_file(paths[0], to_markdown(report))
+    write_file(paths[1], to_csv(report))
+    write_file(paths[2], to_latex(report))
+    plot_stability_plasticity(report, paths[3])
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=pathlib.Path, help="run folders holding metrics.json")
+    parser = argparse.ArgumentParser(prog="cbd-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=pathlib.Path, help="run folders (runs/*)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("report"),
+                        help="folder for report.md/.csv/.tex and the plot (default: ./report)")
+    parser.add_argument("--metric", default="mean_R@1", choices=METRIC_NAMES,
+                        help="metric of the table (default: mean_R@1, the mean of both directions' R@1)")
     args = parser.parse_args(argv)
-    print(compare(args.runs))
+    report = build_report([p for p in args.runs if p.resolve() != args.out.resolve()], args.metric)
+    if not report.groups:
+        print("\n".join(["no finished run to report", *report.notes]), file=sys.stderr)
+        return 1
+    paths = write_report(report, args.out)
+    print(to_markdown(report), end="")
+    print("written: " + ", ".join(str(p) for p in paths))
     return 0
 
 
+def console() -> None:
+    sys.exit(main(sys.argv[1:]))
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

@@ -1,70 +1,183 @@
 """Retrieval metrics and continual-learning summaries (DESIGN §7).
 
-Test sets pair text i with image i, so the ground truth of a score matrix ``scores[N_text, N_image]`` is its
-diagonal. Class labels (when known) give the class-level mAP@all: every item of the query's class is relevant.
+Retrieval: ``scores[Q, G]`` ranks a gallery of ``G`` items for each of ``Q`` queries and the bool matrix
+``positive[Q, G]`` marks the matches — any number per query and per gallery item (five captions per image, a
+duplicated image or caption). A query's rank is the rank of its best-placed positive, and ties count against
+the query (the pessimistic rank): ``rank = 1 + #{non-positive g : scores[q, g] >= best positive score}``. A
+constant score matrix therefore ranks every query last but its positives, never first; non-finite scores are an
+error. Class labels, when every item has one, give the class-level mAP@all, with ties again ordered against the
+query (non-relevant items first within a tie).
+
+Continual summaries: ``matrix[i][j]`` is a metric on task ``j + 1`` after training tasks ``1..i``; row 0 is the
+model before any training.
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
 
 RECALL_AT = (1, 5, 10)
+# Score entries a ranking pass holds at once (with its boolean and index temporaries): bounds the memory of the
+# metrics to O(chunk · gallery) whatever the number of queries.
+CHUNK_ELEMENTS = 2**22
+# Every key of retrieval_metrics (mAP only where class labels exist). Median rank is the one where lower is
+# better: the continual summaries are not computed for it.
+METRIC_NAMES = tuple(f"{direction}_{name}" for direction in ("t2i", "i2t")
+                     for name in (*(f"R@{k}" for k in RECALL_AT), "MedR", "MRR", "mAP")) + ("rsum", "mean_R@1")
+LOWER_IS_BETTER = ("t2i_MedR", "i2t_MedR")
 
 
-def _ranks_of_diagonal(scores: torch.Tensor) -> torch.Tensor:
-    """1-based rank of scores[i, i] within row i (ties count against the query). [N]."""
-    diagonal = scores.diagonal().unsqueeze(1)
-    return (scores > diagonal).sum(1) + 1
+def _check_scores(scores: torch.Tensor, positive: torch.Tensor, where: str) -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"{where}: scores must be a [queries, gallery] matrix, got shape {tuple(scores.shape)}")
+    if positive.shape != scores.shape or positive.dtype != torch.bool:
+        raise ValueError(f"{where}: positive must be a bool matrix of the scores' shape {tuple(scores.shape)}, "
+                         f"got {positive.dtype} {tuple(positive.shape)}")
+    if scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise ValueError(f"{where}: empty score matrix {tuple(scores.shape)}: no queries or no gallery items")
+    # chunk by chunk: isfinite of the whole matrix would hold a float copy and two masks of it at once
+    bad = sum(int((~torch.isfinite(scores[start:stop])).sum()) for start, stop in _row_chunks(*scores.shape))
+    if bad:
+        raise ValueError(f"{where}: {bad} of {scores.numel()} retrieval scores are NaN or infinite; a model "
+                         "that produces them cannot be ranked (did training diverge?)")
 
 
-def _average_precision(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
-    """AP over the full ranking of each row. scores[Q, N], relevant[Q, N] bool -> [Q] (rows with none: nan)."""
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    hits = relevant.gather(1, order).double()
-    precision_at_hit = hits.cumsum(1) / torch.arange(1, hits.shape[1] + 1, dtype=torch.float64)
-    count = hits.sum(1)
-    return torch.where(count > 0, (precision_at_hit * hits).sum(1) / count.clamp_min(1), float("nan"))
+def _row_chunks(num_rows: int, num_cols: int):
+    step = max(1, CHUNK_ELEMENTS // max(1, num_cols))
+    return ((start, min(num_rows, start + step)) for start in range(0, num_rows, step))
 
 
-def retrieval_metrics(scores: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
-    """Both directions of retrieval for a square ``scores[N, N]`` (text rows, image columns; pair i matches i).
+def best_positive_ranks(scores: torch.Tensor, positive: torch.Tensor, where: str = "scores") -> torch.Tensor:
+    """1-based pessimistic rank of each query's best-placed positive: ``[Q]`` long.
 
-    Returns percentages: ``t2i_R@k``, ``i2t_R@k`` for k in 1/5/10, ``t2i_MRR``, ``i2t_MRR`` (instance level) and,
-    when ``labels[N]`` (class ids, -1 unknown) are given for every item, ``t2i_mAP``, ``i2t_mAP`` (class level,
-    mAP@all), plus ``mean_R@1`` (average of both directions).
+    ``rank[q] = 1 + #{g not positive : scores[q, g] >= max_{p positive} scores[q, p]}``. A query without a
+    positive in the gallery is an error (its rank is undefined).
     """
-    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
-        raise ValueError(f"scores must be square [N, N] (text i matches image i), got {tuple(scores.shape)}")
-    scores = scores.double().cpu()
-    out: dict[str, float] = {}
-    for direction, matrix in (("t2i", scores), ("i2t", scores.t())):
-        ranks = _ranks_of_diagonal(matrix)
-        for k in RECALL_AT:
-            out[f"{direction}_R@{k}"] = 100.0 * (ranks <= k).double().mean().item()
-        out[f"{direction}_MRR"] = 100.0 * (1.0 / ranks.double()).mean().item()
-        if labels is not None and bool((labels >= 0).all()):
-            labels_cpu = labels.cpu()
-            relevant = labels_cpu.unsqueeze(1) == labels_cpu.unsqueeze(0)
-            out[f"{direction}_mAP"] = 100.0 * _average_precision(matrix, relevant).nanmean().item()
+    _check_scores(scores, positive, where)
+    ranks = []
+    for start, stop in _row_chunks(*scores.shape):
+        block, pos = scores[start:stop], positive[start:stop]
+        has_positive = pos.any(1)
+        if not bool(has_positive.all()):
+            query = start + int((~has_positive).nonzero()[0])
+            raise ValueError(f"{where}: query {query} has no positive item in the gallery of {scores.shape[1]} "
+                             "(is its match in another task's test set?)")
+        best = block.masked_fill(~pos, float("-inf")).amax(1, keepdim=True)
+        ranks.append(1 + ((block >= best) & ~pos).sum(1))
+    return torch.cat(ranks)
+
+
+def average_precision(scores: torch.Tensor, relevant: torch.Tensor, where: str = "scores") -> torch.Tensor:
+    """AP over the whole ranking of each row, ties ordered against the query: ``[Q]`` float64.
+
+    Within a group of equal scores the non-relevant items are ranked first, so the k-th relevant item of a tie
+    group sits after all of the group's non-relevant ones. A row without any relevant item is an error.
+    """
+    _check_scores(scores, relevant, where)
+    out = []
+    for start, stop in _row_chunks(*scores.shape):
+        block, rel = scores[start:stop], relevant[start:stop]
+        count = rel.sum(1)
+        if not bool((count > 0).all()):
+            query = start + int((count == 0).nonzero()[0])
+            raise ValueError(f"{where}: query {query} has no item of its class in the gallery")
+        # two stable sorts: relevance ascending, then score descending (ties keep non-relevant first)
+        by_relevance = rel.to(torch.uint8).argsort(dim=1, stable=True)
+        by_score = block.gather(1, by_relevance).argsort(dim=1, descending=True, stable=True)
+        hits = rel.gather(1, by_relevance).gather(1, by_score).double()
+        precision = hits.cumsum(1) / torch.arange(1, hits.shape[1] + 1, dtype=torch.float64)
+        out.append((precision * hits).sum(1) / count.double())
+    return torch.cat(out)
+
+
+def query_metrics(scores: torch.Tensor, positive: torch.Tensor, query_labels: torch.Tensor | None = None,
+                  gallery_labels: torch.Tensor | None = None, where: str = "scores") -> dict[str, float]:
+    """One retrieval direction, queries in rows: ``R@1``, ``R@5``, ``R@10``, ``MRR`` (percent), ``MedR`` (rank)
+    and, when every query and gallery item has a class label (>= 0), ``mAP`` (class-level mAP@all, percent)."""
+    ranks = best_positive_ranks(scores, positive, where)
+    out = {f"R@{k}": 100.0 * (ranks <= k).double().mean().item() for k in RECALL_AT}
+    out["MedR"] = ranks.double().quantile(0.5).item()  # the mean of the two middle ranks for an even count
+    out["MRR"] = 100.0 * (1.0 / ranks.double()).mean().item()
+    if query_labels is not None and gallery_labels is not None:
+        query_labels, gallery_labels = query_labels.reshape(-1).cpu(), gallery_labels.reshape(-1).cpu()
+        if query_labels.numel() != scores.shape[0] or gallery_labels.numel() != scores.shape[1]:
+            raise ValueError(f"{where}: {query_labels.numel()} query and {gallery_labels.numel()} gallery labels "
+                             f"for a {tuple(scores.shape)} score matrix")
+        if bool((query_labels >= 0).all()) and bool((gallery_labels >= 0).all()):
+            relevant = query_labels[:, None] == gallery_labels[None, :]
+            out["mAP"] = 100.0 * average_precision(scores, relevant, where).mean().item()
+    return out
+
+
+def combine_directions(text_to_image: dict[str, float], image_to_text: dict[str, float]) -> dict[str, float]:
+    """Prefix both directions (``t2i_``, ``i2t_``) and add ``rsum`` (sum of the six recalls, 0–600) and
+    ``mean_R@1`` (mean of the two R@1)."""
+    out = {f"t2i_{k}": v for k, v in text_to_image.items()}
+    out.update({f"i2t_{k}": v for k, v in image_to_text.items()})
+    out["rsum"] = sum(out[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in RECALL_AT)
     out["mean_R@1"] = 0.5 * (out["t2i_R@1"] + out["i2t_R@1"])
     return out
 
 
-def continual_summary(matrix: list[list[float | None]]) -> dict[str, float]:
-    """Final average, forgetting and backward transfer of an accuracy matrix.
+def retrieval_metrics(scores: torch.Tensor, positive: torch.Tensor, text_labels: torch.Tensor | None = None,
+                      image_labels: torch.Tensor | None = None, where: str = "scores") -> dict[str, float]:
+    """Both directions over one gallery: ``scores[Q_text, G_image]`` with ``positive[Q_text, G_image]``.
 
-    ``matrix[i][j]`` = metric on task j after training task i (None where j > i was not evaluated).
-    Forgetting = mean over earlier tasks j of (max_{i<last} a[i][j] − a[last][j]); BWT = mean_j a[last][j] − a[j][j].
+    Text→image ranks each caption's image(s) among the images; image→text ranks the best-placed of each image's
+    captions among the captions. Keys: see :func:`query_metrics` and :func:`combine_directions`.
     """
-    last = len(matrix) - 1
-    if last < 0:
-        raise ValueError("empty accuracy matrix")
-    final = [matrix[last][j] for j in range(last + 1)]
-    summary = {"final_average": sum(final) / len(final), "forgetting": math.nan, "backward_transfer": math.nan}
-    if last > 0:
-        earlier = range(last)
-        summary["forgetting"] = sum(max(matrix[i][j] for i in range(j, last)) - matrix[last][j]
-                                    for j in earlier) / last
-        summary["backward_transfer"] = sum(matrix[last][j] - matrix[j][j] for j in earlier) / last
-    return summary
+    text_to_image = query_metrics(scores, positive, text_labels, image_labels, f"{where} (text→image)")
+    image_to_text = query_metrics(scores.t(), positive.t(), image_labels, text_labels, f"{where} (image→text)")
+    return combine_directions(text_to_image, image_to_text)
+
+
+# --------------------------------------------------------------------------------------- continual summaries
+
+SUMMARIES = ("final_average", "learning_accuracy", "forgetting", "backward_transfer", "forward_transfer",
+             "transfer", "mtil_average", "initial_average")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def continual_summary(matrix: Sequence[Sequence[float | None]]) -> dict[str, float | None]:
+    """Summaries of an accuracy matrix with the pre-training row (DESIGN §7).
+
+    ``matrix[i][j - 1]`` = ``a[i][j]``, the metric on task ``j`` after training tasks ``1..i``; row 0 is the model
+    before any training. With ``t = len(matrix) - 1`` tasks trained, every summary is over tasks ``1..t`` (extra
+    columns, tasks not trained yet, are ignored). A summary that needs a missing entry (None) or more tasks
+    than were trained (forgetting, BWT, FWT and Transfer need t >= 2) is None.
+    """
+    t = len(matrix) - 1
+    if t < 0:
+        raise ValueError("empty accuracy matrix: it needs at least the pre-training row")
+    if any(len(row) < t for row in matrix):
+        raise ValueError(f"accuracy matrix rows must hold at least the {t} trained tasks, got lengths "
+                         f"{[len(row) for row in matrix]}")
+
+    def a(i: int, j: int) -> float | None:  # 1-based tasks, row 0 = before training
+        return matrix[i][j - 1]
+
+    tasks, earlier, later = range(1, t + 1), range(1, t), range(2, t + 1)
+
+    def forgetting(j: int) -> float | None:
+        seen = [a(i, j) for i in range(j, t)]
+        return None if a(t, j) is None or any(v is None for v in seen) else max(seen) - a(t, j)
+
+    def difference(x: float | None, y: float | None) -> float | None:
+        return None if x is None or y is None else x - y
+
+    return {
+        "final_average": _mean([a(t, j) for j in tasks]),
+        "learning_accuracy": _mean([a(j, j) for j in tasks]),
+        "forgetting": _mean([forgetting(j) for j in earlier]),
+        "backward_transfer": _mean([difference(a(t, j), a(j, j)) for j in earlier]),
+        "forward_transfer": _mean([difference(a(j - 1, j), a(0, j)) for j in later]),
+        "transfer": _mean([_mean([a(i, j) for i in range(1, j)]) for j in later]),
+        "mtil_average": _mean([_mean([a(i, j) for i in range(1, t + 1)]) for j in tasks]),
+        "initial_average": _mean([a(0, j) for j in tasks]),
+    }

@@ -24,9 +24,8 @@ from .._files import remove_stale_temporaries, write_text_atomic
 from ..config import ConfigError
 from ..data import Task, build_tasks
 from ..errors import RunFailed
-from ..eval.evaluate import evaluate_task
-from ..eval.metrics import continual_summary
-from ..eval.report import write_reports
+from ..eval.evaluate import count_test_items, evaluate_tasks
+from ..eval.report import build_document, write_reports
 from ..methods import create_method
 from ..model import create_model
 from . import checkpoint
@@ -99,7 +98,7 @@ class Trainer:
         self.autocast = self.device.type == "cuda" and self.train_cfg["bf16"] in ("auto", True)
         # progress: (task, epoch) of the next epoch to run; metrics gathered so far
         self.next_task, self.next_epoch = 0, 0
-        self.results: list[list[dict[str, float]]] = []  # results[i][j]: metrics on task j after task i
+        self.results: list[dict[str, Any]] = []  # results[i]: evaluation after i tasks (0: before training)
         self.epoch_seconds: list[float] = []
         self.loss_history: list[dict[str, float]] = []  # mean of every loss term per epoch
         self.optimizer = self.scheduler = None
@@ -218,10 +217,12 @@ class Trainer:
                               f"and start again (or continue from the checkpoint with --resume)")
 
     def run(self) -> dict[str, Any]:
-        """Train every remaining task, evaluating after each; returns the metrics document."""
+        """Train every remaining task, evaluating before the first and after each; returns the metrics document."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # the config as run: the scenario's content (resolve() inlines scenario files) and the device in use
         write_text_atomic(self.run_dir / "config.yaml", config_lib.dump(dict(self.config, device=str(self.device))))
+        if not self.results:  # row 0 of every accuracy matrix: the model before any training
+            self._record_evaluation()
         epochs = self.train_cfg["epochs"]
         epochs_done_now = 0
         task_bar = tqdm(range(self.next_task, len(self.tasks)), desc="tasks", disable=not self.show_progress,
@@ -262,32 +263,37 @@ class Trainer:
         return self.metrics_document()
 
     def _finish_task(self, task_index: int) -> None:
-        self.results.append([self.evaluate(j) for j in range(len(self.tasks))])
+        self._record_evaluation()
         self.old_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         generator = torch.Generator().manual_seed(derived_seed(self.config["seed"], task_index, 3))
         self.replay.add_task(task_index, len(self.tasks[task_index].train), generator)
         self.method.end_task(task_index)
         self.next_task, self.next_epoch = task_index + 1, 0
+
+    def _record_evaluation(self) -> None:
+        """Evaluate after the tasks trained so far, append the row to ``results`` and rewrite the reports."""
+        self.results.append(self.evaluate_all(tasks_trained=len(self.results)))
         write_reports(self.run_dir, self.metrics_document(), self.config["eval"]["plot_metric"])
 
-    def evaluate(self, task_index: int, prompt_selection: str | None = None) -> dict[str, float]:
-        selection = prompt_selection or self.config["eval"]["prompt_selection"]
-        return evaluate_task(self.model, self.tasks[task_index], task_index, self.device,
-                             self.config["eval"]["batch_size"], selection, rescore=self.method.rescore)
+    def evaluate_all(self, tasks_trained: int, prompt_selection: str | None = None) -> dict[str, Any]:
+        """One row of every accuracy matrix: retrieval on every task's test set, in the per-task and (with
+        ``eval.cumulative``) the cumulative gallery after ``tasks_trained`` tasks (DESIGN §7), and its seconds."""
+        eval_cfg = dict(self.config["eval"], **({"prompt_selection": prompt_selection} if prompt_selection else {}))
+        started = time.perf_counter()
+        record = evaluate_tasks(self.model, self.tasks, tasks_trained, self.device, eval_cfg,
+                                [task.name for task in self.tasks], rescore=self.method.rescore)
+        record["seconds"] = time.perf_counter() - started
+        return record
 
     # --- outputs and checkpoints ---------------------------------------------------------------------------------
 
     def metrics_document(self) -> dict[str, Any]:
-        names = [task.name for task in self.tasks]
-        metric_names = sorted(self.results[0][0]) if self.results else []
-        matrices = {m: [[row[j][m] for j in range(len(names))] for row in self.results] for m in metric_names}
-        summaries = {m: continual_summary([row[:i + 1] for i, row in enumerate(matrix)])
-                     for m, matrix in matrices.items()}
-        return {"name": self.config["name"], "tasks": names, "tasks_trained": len(self.results),
-                "threads": self.threads,
-                "accuracy_matrices": matrices, "summary": summaries,
-                "per_task_results": [{"after_task": i, "results": row} for i, row in enumerate(self.results)],
-                "seconds_per_epoch": self.epoch_seconds, "loss_history": self.loss_history}
+        eval_cfg = self.config["eval"]
+        protocol = {"captions": eval_cfg["captions"], "prompt_selection": eval_cfg["prompt_selection"],
+                    "cumulative": eval_cfg["cumulative"], **count_test_items(self.tasks, eval_cfg["captions"])}
+        return build_document(self.config["name"], [task.name for task in self.tasks], self.results, protocol,
+                              threads=self.threads, seconds_per_epoch=self.epoch_seconds,
+                              loss_history=self.loss_history)
 
     def _save(self) -> None:
         position = self._last_epoch_done()

@@ -1,0 +1,207 @@
+"""The evaluation protocol on a real (tiny) model and scenario: every caption, per-task and cumulative galleries,
+blocked scoring equal to one-shot scoring, clear errors; and cbd-report on hand-made run folders."""
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+import cbd_fast
+from cbd_fast import config as config_lib
+from cbd_fast.data import build_tasks
+from cbd_fast.eval import compare, evaluate
+from cbd_fast.eval.evaluate import collect_test_items, evaluate_tasks, score_blocks
+from cbd_fast.eval.report import build_document, write_reports
+from cbd_fast.maxsim import maxsim
+from cbd_fast.model import create_model
+from cbd_fast.model.dual_encoder import TokenFeatures
+
+pytestmark = pytest.mark.skipif(not cbd_fast.has_extension(), reason="evaluation scores with the compiled maxsim")
+
+EVAL = dict(config_lib.DEFAULTS["eval"], batch_size=8)
+DATA = {"scenario": "synthetic", "num_tasks": 3, "train_per_class": 2, "test_per_class": 3}
+
+
+@pytest.fixture(scope="module")
+def model_and_tasks():
+    torch.manual_seed(0)
+    model = create_model({"preset": "tiny"})
+    return model, build_tasks(DATA, model.image_size, 0)
+
+
+def test_every_caption_of_every_test_image_is_a_query(model_and_tasks):
+    _, tasks = model_and_tasks
+    items = collect_test_items(tasks, "all")
+    assert len(items.captions) == sum(len(c) for task in tasks for c in task.test.captions) == 3 * len(
+        items.image_task)  # the synthetic default has 3 captions per image
+    assert items.captions[:3] == tasks[0].test.captions_of(0)
+    assert items.caption_image[:4].tolist() == [0, 0, 0, 1]
+    first = collect_test_items(tasks, "first")
+    assert len(first.captions) == len(first.image_task) and first.captions[1] == tasks[0].test.captions_of(1)[0]
+
+
+def test_cumulative_and_per_task_galleries(model_and_tasks):
+    model, tasks = model_and_tasks
+    after_one = evaluate_tasks(model, tasks, 1, torch.device("cpu"), EVAL)
+    per_task, cumulative = after_one["per_task"], after_one["cumulative"]
+    assert len(per_task) == len(cumulative) == 3
+    # task 1's cumulative gallery after one task is its own test set
+    assert cumulative[0] == per_task[0]
+    # later tasks compete with the earlier tasks' items: more gallery items, never a better rank
+    for j in (1, 2):
+        assert cumulative[j]["t2i_MedR"] >= per_task[j]["t2i_MedR"]
+        assert cumulative[j]["t2i_R@1"] <= per_task[j]["t2i_R@1"]
+    # the per-task numbers do not depend on whether the cumulative matrix was scored
+    only_per_task = evaluate_tasks(model, tasks, 1, torch.device("cpu"), dict(EVAL, cumulative=False))
+    assert only_per_task == {"per_task": per_task}
+    # after all three tasks every cumulative gallery is the union of all test sets
+    after_three = evaluate_tasks(model, tasks, 3, torch.device("cpu"), EVAL)
+    assert after_three["per_task"] == per_task  # same model: the per-task gallery does not see the row
+    assert after_three["cumulative"][2] == cumulative[2]  # task 3's gallery was already tasks 1-3
+    assert after_three["cumulative"][0] != cumulative[0]
+
+
+def test_oracle_prompt_selection_runs_per_caption(model_and_tasks):
+    model, tasks = model_and_tasks
+    model.set_num_active_prompts(3)
+    try:
+        record = evaluate_tasks(model, tasks, 3, torch.device("cpu"), dict(EVAL, prompt_selection="task_id"))
+    finally:
+        model.set_num_active_prompts(1)
+    assert all(0 <= record["per_task"][j]["t2i_R@1"] <= 100 for j in range(3))
+
+
+def test_blocked_length_sorted_scoring_equals_one_shot(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    num_texts, num_images, text_len, image_len, dim = 23, 11, 9, 5, 16
+    lengths = torch.randint(1, text_len + 1, (num_texts,), generator=gen)
+    mask = torch.arange(text_len) < lengths[:, None]
+    text = TokenFeatures(torch.nn.functional.normalize(torch.randn(num_texts, text_len, dim, generator=gen), dim=-1)
+                         * mask[..., None], mask, torch.randn(num_texts, text_len, generator=gen) * mask,
+                         torch.zeros(num_texts, dim))
+    image = TokenFeatures(torch.nn.functional.normalize(torch.randn(num_images, image_len, dim, generator=gen), dim=-1),
+                          torch.ones(num_images, image_len, dtype=torch.bool),
+                          torch.randn(num_images, image_len, generator=gen), torch.zeros(num_images, dim))
+    expected = maxsim(text.tokens, image.tokens, text.mask, image.mask, text.weight, image.weight)
+    order = lengths.argsort(stable=True)
+    blocks = []
+    for start in range(0, num_texts, 4):  # blocks of 4 captions in length order, trimmed like the evaluation
+        rows = order[start:start + 4]
+        width = int(lengths[rows].max())
+        blocks.append((rows, TokenFeatures(text.tokens[rows, :width], text.mask[rows, :width],
+                                           text.weight[rows, :width], text.pooled[rows])))
+    monkeypatch.setattr(evaluate, "SCORE_BLOCK_ELEMENTS", 4 * (text_len + image_len) * 3)  # 3 images a call
+    assert torch.equal(score_blocks(iter(blocks), image, num_texts), expected)
+
+
+def test_encoder_blocks_cover_every_caption_once(model_and_tasks, monkeypatch):
+    model, tasks = model_and_tasks
+    items = collect_test_items(tasks, "all")
+    monkeypatch.setattr(evaluate, "TEXT_BLOCK", 20)
+    blocks = list(evaluate.encode_caption_blocks(model, items.captions, items.caption_task, torch.device("cpu"),
+                                                 8, False, block=20))
+    rows = torch.cat([r for r, _ in blocks])
+    assert sorted(rows.tolist()) == list(range(len(items.captions)))
+    lengths = model.tokenize(items.captions)[1].sum(1)
+    for block_rows, features in blocks:  # each block is trimmed to its longest caption
+        assert features.tokens.shape[1] == int(lengths[block_rows].max())
+        assert torch.equal(features.mask.sum(1), lengths[block_rows])
+
+
+def test_nan_scores_are_an_error_naming_the_task(model_and_tasks, monkeypatch):
+    model, tasks = model_and_tasks
+    monkeypatch.setattr(evaluate, "maxsim", lambda text, image, *args: torch.full(
+        (text.shape[0], image.shape[0]), float("nan")))
+    with pytest.raises(ValueError, match=r"synthetic/task0 \(per-task gallery\) \(text→image\): .* NaN"):
+        evaluate_tasks(model, tasks, 0, torch.device("cpu"), EVAL, [t.name for t in tasks])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("captions", "some", "eval.captions must be one of all, first"),
+    ("cumulative", "yes", "eval.cumulative must be true or false"),
+    ("prompt_selection", "vote", "eval.prompt_selection must be one of key, task_id"),
+    ("plot_metric", "R@1", "eval.plot_metric must be one of"),
+    ("batch_size", 0, "eval.batch_size must be an integer >= 1"),
+])
+def test_bad_eval_config_names_the_key(model_and_tasks, key, value, message):
+    model, tasks = model_and_tasks
+    with pytest.raises(ValueError, match=message):
+        evaluate_tasks(model, tasks, 0, torch.device("cpu"), dict(EVAL, **{key: value}))
+
+
+# ------------------------------------------------------------------------------------------- cbd-report
+
+def _metrics(offset: float) -> dict:
+    return {"t2i_R@1": 10 + offset, "i2t_R@1": 20 + offset, "mean_R@1": 15 + offset, "t2i_MedR": 3.0}
+
+
+def _fake_run(root, name, seed, lr, rows, tasks=("t0", "t1")):
+    """A run folder as cbd-train writes it, with hand-made evaluation rows (offsets of mean_R@1 - 15)."""
+    run = root / name
+    run.mkdir(parents=True)
+    config = config_lib.resolve({"name": name, "seed": seed, "train": {"lr": lr}})
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    results = [{"per_task": [_metrics(v) for v in row], "cumulative": [_metrics(v - 5) for v in row], "seconds": 1.0}
+               for row in rows]
+    # epochs: task 1 takes 9 s (no teacher), task 2 takes 1, 2, 6 s: the median of task 2 is 2
+    document = build_document(name, list(tasks), results, {"captions": "all"},
+                              seconds_per_epoch=[9.0, 9.0, 1.0, 2.0, 6.0],
+                              loss_history=[{"task": 0}, {"task": 0}, {"task": 1}, {"task": 1}, {"task": 1}])
+    write_reports(run, document, "mean_R@1")
+    return run
+
+
+def test_cbd_report_groups_seeds_skips_unfinished_and_writes_three_formats(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    # final average of mean_R@1: (15 + a) + (15 + b) / 2 with rows [a0, b0], [a1, b1], [a2, b2]
+    _fake_run(runs, "cbd_s0", 0, 1e-3, [[0, 0], [40, 5], [30, 50]])  # Avg 55, LA 60, F 10, FWT 5
+    _fake_run(runs, "cbd_s1", 1, 1e-3, [[0, 0], [50, 15], [40, 60]])  # Avg 65, LA 70, F 10, FWT 15
+    _fake_run(runs, "cbd_s2", 2, 1e-3, [[0, 0], [45, 10]])  # unfinished: 1 of 2 tasks
+    _fake_run(runs, "cbd_lr_s0", 0, 2e-3, [[0, 0], [10, 0], [0, 20]])  # another lr: its own group
+    (runs / "notes").mkdir()  # not a run
+    out = tmp_path / "report"
+    assert compare.main([str(p) for p in sorted(runs.iterdir())] + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("report.md", "report.csv", "report.tex", "stability_plasticity.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    markdown = (out / "report.md").read_text()
+    assert markdown in printed
+    assert "| synthetic (2 tasks) | cbd | 2 (0, 1) | 60.0 ± 7.1 | 65.0 ± 7.1 | 10.0 ± 0.0 | -10.0 ± 0.0 | " \
+           "10.0 ± 7.1 |" in markdown
+    assert "| synthetic (2 tasks) | cbd_lr | 1 (0) | 25.0 | 30.0 | 10.0 |" in markdown  # one seed: no ± std
+    assert "left out:" in markdown and "cbd_s2: unfinished (1/2 tasks trained)" in markdown
+    assert "notes: no metrics.json" in markdown
+    assert "cbd_s2" not in markdown.split("\n\n")[0]  # not in the table
+    with (out / "report.csv").open() as stream:
+        rows = {row["method"]: row for row in csv.DictReader(stream)}
+    assert rows["cbd"]["per_task_final_average_mean"] == "60.00" and rows["cbd"]["seeds"] == "0 1"
+    assert rows["cbd"]["seconds_per_epoch_mean"] == "2.000"  # median of task 2's epochs, not task 1's 9 s
+    assert rows["cbd"]["cumulative_final_average_mean"] == "55.00"
+    assert rows["cbd_lr"]["per_task_final_average_std"] == ""
+    latex = (out / "report.tex").read_text()
+    assert r"\begin{tabular}" in latex and r"cbd\_lr" in latex and r"$60.0 \pm 7.1$" in latex
+
+
+def test_cbd_report_names_what_differs_between_groups_with_one_name(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _fake_run(runs / "a", "cbd_s0", 0, 1e-3, [[0, 0], [40, 5], [30, 50]])
+    _fake_run(runs / "b", "cbd_s0", 0, 2e-3, [[0, 0], [40, 5], [30, 50]])
+    assert compare.main([str(runs / "a" / "cbd_s0"), str(runs / "b" / "cbd_s0"), "--out", str(tmp_path / "r")]) == 0
+    markdown = capsys.readouterr().out
+    assert "cbd [train.lr=0.001]" in markdown and "cbd [train.lr=0.002]" in markdown
+
+
+def test_cbd_report_without_finished_runs(tmp_path, capsys):
+    _fake_run(tmp_path, "cbd_s0", 0, 1e-3, [[0, 0]])
+    assert compare.main([str(tmp_path / "cbd_s0"), "--out", str(tmp_path / "r")]) == 1
+    assert "unfinished (0/2 tasks trained)" in capsys.readouterr().err
+
+
+def test_old_metrics_files_are_left_out_with_a_reason(tmp_path):
+    old = tmp_path / "old_s0"
+    old.mkdir()
+    (old / "metrics.json").write_text(json.dumps({"name": "old_s0", "tasks": ["a"], "tasks_trained": 1,
+                                                  "accuracy_matrices": {}, "summary": {}}))
+    report = compare.build_report([old])
+    assert not report.groups and "predates the evaluation protocol" in report.notes[0]
