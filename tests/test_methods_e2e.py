@@ -45,16 +45,21 @@ def test_every_method_trains_through_cbd_train(tmp_path, name):
     assert _run(tmp_path, name, [f"method={name}"]) == 0
     document = _metrics(tmp_path, name)
     assert document["tasks_trained"] == 2
-    for row in document["per_task_results"]:
-        for metrics in row["results"]:
-            assert all(0.0 <= value <= 100.0 for value in metrics.values())
+    matrices = document["galleries"]["per_task"]["matrices"]
+    for metric, matrix in matrices.items():
+        assert len(matrix) == 3, metric  # row 0 = before training, then one row per task
+        if "MedR" in metric:  # a rank, 1 .. gallery size
+            assert all(value >= 1.0 for row in matrix for value in row), metric
+        else:
+            assert all(0.0 <= value <= (600.0 if metric == "rsum" else 100.0) for row in matrix for value in row), metric
     recorded = yaml.safe_load((tmp_path / "runs" / name / "config.yaml").read_text())
     assert recorded["method"] == name and set(recorded["method_args"]) == set(METHODS[name].defaults)
     history = document["loss_history"]
     if name == "joint":  # one stage over both tasks' data, nothing trained after it; the rows repeat
         assert [(h["task"], h["epoch"]) for h in history] == [(0, 0)]
-        matrix = document["accuracy_matrices"]["mean_R@1"]
-        assert matrix[0] == matrix[1] and document["summary"]["mean_R@1"]["forgetting"] == 0.0
+        matrix = matrices["mean_R@1"]
+        summary = document["galleries"]["per_task"]["summary"]["mean_R@1"]
+        assert matrix[1] == matrix[2] and summary["forgetting"] == 0.0
     else:
         assert [(h["task"], h["epoch"]) for h in history] == [(0, 0), (1, 0)]
         assert SECOND_TASK_TERM[name] in history[1]
@@ -72,5 +77,5 @@ def test_kill_and_resume_reproduce_the_run(tmp_path, name):
         assert _metrics(tmp_path, "interrupted")["tasks_trained"] == 1
     assert _run(tmp_path, "interrupted", ["--resume"], config=config) == 0
     full, resumed = _metrics(tmp_path, "full"), _metrics(tmp_path, "interrupted")
-    assert resumed["accuracy_matrices"] == full["accuracy_matrices"]
+    assert resumed["galleries"] == full["galleries"]
     assert resumed["loss_history"] == full["loss_history"]
