@@ -348,6 +348,7 @@ struct ItemArgs {
   int64_t text_block0, text_block1, image_block0, image_block1;
   T* score;                       // forward: [Bt, Bi]
   const PairMaxima<T>* maxima;    // backward
+  Interrupt* interrupt;           // checked after every image block
 };
 
 // One work item with the micro-kernel of kRows × kVecs vectors of kBytes: packs its text blocks, then per image
@@ -390,6 +391,7 @@ C10_ALWAYS_INLINE void process_item_impl(const ItemArgs<T>& args) {
       }
       fold_tile<T, kBytes>(p, ws, stride, a0, a1, b0, b1, args.score, args.maxima);
     }
+    if (args.interrupt->requested()) return;
   }
 }
 
@@ -447,7 +449,8 @@ void for_each_tile(const Problem<T>& p, Isa isa, const at::TensorOptions& option
       ItemArgs<T> args{&p, &plan, &ws, ti * plan.text_blocks_per_item,
                        std::min((ti + 1) * plan.text_blocks_per_item, plan.text_blocks),
                        ii * plan.image_blocks_per_item,
-                       std::min((ii + 1) * plan.image_blocks_per_item, plan.image_blocks), score, maxima};
+                       std::min((ii + 1) * plan.image_blocks_per_item, plan.image_blocks), score, maxima,
+                       &interrupt};
       kernel.process(args);
     }
   });
