@@ -361,6 +361,20 @@ def test_cpu_kernel_size_limit_is_a_clear_error():
         cbd_fast.banzhaf_interaction(torch.zeros(1, 1, 4097), num_samples=1, backend="cpu")
 
 
+@requires_extension
+@pytest.mark.parametrize("shape", [(0, 2, 3), (2, 0, 3), (2, 3, 0)])
+def test_raw_cpu_ops_refuse_empty_games(shape):
+    """The registered ops, called directly, check every size they index with."""
+    batch, text_len, image_len = shape
+    game = (torch.zeros(shape), torch.ones(batch, text_len, dtype=torch.bool),
+            torch.ones(batch, image_len, dtype=torch.bool), torch.zeros(batch, text_len), torch.zeros(batch, image_len))
+    with pytest.raises(RuntimeError, match=r"sim must have B, T, V >= 1"):
+        torch.ops.cbd_fast.banzhaf_interaction(*game, 4, 0, "paired")
+    grads = (torch.zeros(shape), torch.zeros(batch, text_len), torch.zeros(batch, image_len))
+    with pytest.raises(RuntimeError, match=r"sim must have B, T, V >= 1"):
+        torch.ops.cbd_fast.banzhaf_interaction_backward(*grads, *game, 4, 0, "paired")
+
+
 def test_backend_that_cannot_run_says_why():
     with pytest.raises(ValueError, match="backend='cuda'.*CUDA tensors"):
         cbd_fast.banzhaf_interaction(torch.zeros(1, 2, 2), backend="cuda")

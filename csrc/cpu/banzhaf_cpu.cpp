@@ -102,6 +102,8 @@ void check_inputs(const at::Tensor& sim, const at::Tensor& text_mask, const at::
   TORCH_CHECK(at::isFloatingType(sim.scalar_type()), "banzhaf_interaction: sim must be floating, got ",
               sim.scalar_type());
   const int64_t batch = sim.size(0), text_len = sim.size(1), image_len = sim.size(2);
+  TORCH_CHECK(batch >= 1 && text_len >= 1 && image_len >= 1, "banzhaf_interaction: sim must have B, T, V >= 1, got ",
+              "shape ", sim.sizes());
   TORCH_CHECK(text_mask.scalar_type() == at::kBool && text_mask.sizes() == at::IntArrayRef({batch, text_len}),
               "banzhaf_interaction: text_mask must be bool [B,T] = [", batch, ",", text_len, "]");
   TORCH_CHECK(image_mask.scalar_type() == at::kBool && image_mask.sizes() == at::IntArrayRef({batch, image_len}),
