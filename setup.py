@@ -52,7 +52,10 @@ def _want_cuda() -> bool:
 def _extension():
     with_cuda = _want_cuda()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
+    # The C++ standard is the one torch asks for. No -march: the CPU kernels carry their own AVX2 / AVX-512 versions,
+    # chosen at run time (csrc/cpu/cpu_isa.h). -Wno-psabi: GCC notes that passing 32-byte vectors between functions
+    # compiled without AVX changes the ABI; all such functions are inlined.
+    cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi"]
     define_macros = [("CBD_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
     extra = {"cxx": cxx_flags}
     if with_cuda:

@@ -1,11 +1,17 @@
-"""Collects the benchmark medians and prints / writes the summary tables (Banzhaf with its speed-up ratios, MaxSim
-with peak memory, the training methods' step cost) to ``benchmarks/results/``."""
+"""Collects the benchmark medians and prints / writes the summary tables (Banzhaf with its speed-up ratios and
+instruction roofline, MaxSim with peak memory and GEMM roofline, the training methods' step cost, the evaluation at
+COCO 5k size) to ``benchmarks/results/``."""
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import re
+import shutil
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -16,22 +22,28 @@ MAXSIM_KEY = pytest.StashKey[dict]()
 GPU_KEY = pytest.StashKey[dict]()
 METHODS_KEY = pytest.StashKey[dict]()
 EVAL_KEY = pytest.StashKey[dict]()
+INSTRUCTIONS_KEY = pytest.StashKey[dict]()
 RESULTS_FILE = Path(__file__).parent / "results" / "cpu_banzhaf.md"
 MAXSIM_FILE = Path(__file__).parent / "results" / "cpu_maxsim.md"
 EVAL_FILE = Path(__file__).parent / "results" / "cpu_eval.md"
+PYTORCH_VARIANTS = ("torch", "reference", "per_pair")
 
-# (label, size, mode, slower variant, target speed-up of "cpu" over it). Ratios compare per-draw times, which
-# equal the ratio of medians wherever both variants ran the same number of draws.
+# (label, size, mode, slower variant, target speed-up of "cpu" over it), one thread. Ratios compare the time per
+# cell, which equals the ratio of medians wherever both variants ran the same number of draws.
 RATIOS = (
-    ("C++ vs reference, forward, anchor (same K)", "anchor", "forward", "reference", 50),
-    ("C++ vs reference, forward, clip (per draw)", "clip", "forward", "reference", 50),
-    ("C++ vs reference, forward+backward, anchor (per draw)", "anchor", "forward+backward", "reference", 50),
+    ("C++ vs reference, forward, anchor (per cell)", "anchor", "forward", "reference", 50),
+    ("C++ vs reference, forward, clip (per cell)", "clip", "forward", "reference", 50),
+    ("C++ vs reference, forward+backward, anchor (per cell)", "anchor", "forward+backward", "reference", 50),
     ("C++ vs torch backend, forward, anchor", "anchor", "forward", "torch", 3),
-    ("C++ vs torch backend, forward, clip", "clip", "forward", "torch", 3),
+    ("C++ vs torch backend, forward, clip (per cell)", "clip", "forward", "torch", 3),
     ("C++ vs torch backend, forward+backward, anchor", "anchor", "forward+backward", "torch", 3),
-    ("C++ vs per-pair textbook loop, per draw of a whole T×V map, anchor", "anchor", "forward", "per_pair", 1000),
+    ("C++ vs per-pair textbook loop, per cell, anchor", "anchor", "forward", "per_pair", 1000),
 )
-
+# Instruction floor per cell (one draw of one interaction cell): 48 fp32 operations forward, 4× that forward and
+# backward, in instructions of 8 float lanes (test_bench_banzhaf.py).
+FLOOR_INSTRUCTIONS = {"forward": 6, "forward+backward": 24}
+# Banzhaf acceptance: the C++ paired forward at the anchor, one thread, per (token pair, draw).
+CPU_NS_PER_CELL_TARGET = 5.0
 
 LOAD_AT_START_KEY = pytest.StashKey[str]()
 
@@ -51,22 +63,23 @@ def pytest_configure(config):
 
 @pytest.fixture
 def bench_record(request):
-    """record(size, mode, variant, median_s, min_s, extra_info): keep one measured row for the session summary."""
+    """record(size, mode, variant, threads, median_s, min_s, extra_info): one Banzhaf row for the summary."""
     results = request.config.stash[RESULTS_KEY]
 
-    def record(size, mode, variant, median, minimum, extra_info):
-        results[(size, mode, variant)] = dict(extra_info, median_s=median, min_s=minimum)
+    def record(size, mode, variant, threads, median, minimum, extra_info):
+        results[(size, mode, variant, threads)] = dict(extra_info, median_s=median, min_s=minimum)
 
     return record
 
 
 @pytest.fixture
 def maxsim_record(request):
-    """record(variant, median_s, min_s, peak_bytes): one MaxSim row for the session summary."""
+    """record(size, mode, variant, threads, median_s, min_s, peak_bytes, floor_flops): one MaxSim row."""
     results = request.config.stash[MAXSIM_KEY]
 
-    def record(variant, median, minimum, peak):
-        results[variant] = dict(median_s=median, min_s=minimum, peak_bytes=peak)
+    def record(size, mode, variant, threads, median, minimum, peak, flops):
+        results[(size, mode, variant, threads)] = dict(median_s=median, min_s=minimum, peak_bytes=peak,
+                                                       floor_flops=flops)
 
     return record
 
@@ -78,6 +91,11 @@ def methods_record(request):
 
     def record(table, name, row):
         results.setdefault(table, {})[name] = row
+
+    return record
+
+
+@pytest.fixture
 def eval_record(request):
     """record(info, metrics): the evaluation benchmark's measurements (extra_info) and its metrics."""
     results = request.config.stash[EVAL_KEY]
@@ -120,6 +138,8 @@ def _write_methods_summary(terminalreporter, config) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     terminalreporter.write_line(f"written to {path}")
+
+
 def _eval_summary(info: dict, metrics: dict) -> list[str]:
     mib = 2**20
     return [
@@ -134,15 +154,109 @@ def _eval_summary(info: dict, metrics: dict) -> list[str]:
     ]
 
 
+def benchmark_enabled(request) -> bool:
+    return not request.config.getoption("benchmark_disable")
+
+
+@pytest.fixture(scope="session")
+def banzhaf_instructions(request):
+    """{"forward": instructions per cell} of the C++ paired forward (AVX2 version, anchor, one thread), counted by
+    callgrind in a subprocess (a minute or two); None without valgrind or under --benchmark-disable. Stored for the
+    summary."""
+    if shutil.which("valgrind") is None or request.config.getoption("benchmark_disable"):
+        return None
+    here = Path(__file__).parent
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+        done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                               "--toggle-collect=*paired_forward_item_avx2_f32*", sys.executable,
+                               str(here / "_callgrind_banzhaf.py")], capture_output=True, text=True, env=env,
+                              timeout=1800)
+        assert done.returncode == 0, done.stderr[-2000:]
+        cells = int(re.search(r"cells (\d+)", done.stdout).group(1))
+        collected = int(re.search(r"Collected : (\d+)", done.stderr).group(1))
+    counts = {"forward": collected / cells}
+    request.config.stash[INSTRUCTIONS_KEY] = counts
+    return counts
+
+
+def blas_gemm_rate(threads: int) -> float:
+    """FLOP/s of torch.mm (the BLAS behind the torch backend) on a 2048×512 @ 512×2048 fp32 product, best of 5."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(2048, 512, generator=gen), torch.randn(512, 2048, generator=gen)
+        out = torch.empty(2048, 2048)
+        torch.mm(a, b, out=out)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * 2048 * 512 * 2048 / best
+
+
+def _speed_ratio(reference_s: float, variant_s: float) -> str:
+    """"2.5× faster" or "1.9× slower": the variant's time against the reference's, always a ratio >= 1."""
+    ratio = reference_s / variant_s
+    return f"{ratio:.3g}× faster" if ratio >= 1 else f"{1 / ratio:.3g}× slower"
+
+
+def _versus_best(best: float | None, value: float, is_pytorch: bool) -> str:
+    """The speed ratio against the best PyTorch variant; "best PyTorch" for that variant itself."""
+    if best is None:
+        return "n/a"
+    if is_pytorch and value == best:
+        return "best PyTorch"
+    return _speed_ratio(best, value)
+
+
 def _maxsim_summary(results: dict) -> list[str]:
-    lines = ["| variant | median | min | peak memory | time vs C++ | memory vs C++ |", "|---|---|---|---|---|---|"]
-    fast = results.get("cpu")
-    for variant, row in results.items():
-        time_ratio = f"{row['median_s'] / fast['median_s']:.2f}×" if fast else "n/a"
-        memory_ratio = f"{row['peak_bytes'] / fast['peak_bytes']:.1f}×" if fast and fast["peak_bytes"] else "n/a"
-        lines.append(f"| {variant} | {_format_time(row['median_s'])} | {_format_time(row['min_s'])} | "
-                     f"{row['peak_bytes'] / 2**20:.2f} MiB | {time_ratio} | {memory_ratio} |")
+    threads_used = sorted({key[3] for key in results})
+    rates = {threads: blas_gemm_rate(threads) for threads in threads_used}
+    lines = [f"BLAS GEMM rate measured in this run (`torch.mm`, 2048×512 @ 512×2048, fp32, best of 5): "
+             + ", ".join(f"{rates[t] / 1e9:.1f} GFLOP/s at {t} thread{'s' if t > 1 else ''}" for t in threads_used),
+             "", "| size | mode | variant | threads | median | min | peak memory | vs best PyTorch variant | "
+             "GEMM floor | fraction of floor |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (size, mode, variant, threads), row in results.items():
+        pytorch = [r for (s, m, v, t), r in results.items() if (s, m, t) == (size, mode, threads) and v != "cpu"]
+        best = min((r["median_s"] for r in pytorch), default=None)
+        versus = _versus_best(best, row["median_s"], variant != "cpu")
+        floor_s = row["floor_flops"] / rates[threads]
+        lines.append(f"| {size} | {mode} | {variant} | {threads} | {_format_time(row['median_s'])} | "
+                     f"{_format_time(row['min_s'])} | {row['peak_bytes'] / 2**20:.2f} MiB | {versus} | "
+                     f"{_format_time(floor_s)} | {floor_s / row['median_s']:.3g} |")
+    lines += ["", "| acceptance (one thread) | measured | target | met |", "|---|---|---|---|"]
+
+    def row(size, variant):
+        return results.get((size, SIZES_MODES[size], variant, 1))
+
+    checks = []
+    cpu, torch_row = row("gallery", "cpu"), row("gallery", "torch")
+    if cpu and torch_row:
+        ratio = torch_row["median_s"] / cpu["median_s"]
+        checks.append(("gallery forward: C++ vs torch backend", f"{ratio:.2f}× faster", "≥ 1.3×", ratio >= 1.3))
+    cpu, ref, torch_row = row("batch", "cpu"), row("batch", "reference"), row("batch", "torch")
+    if cpu and ref:
+        ratio = ref["peak_bytes"] / cpu["peak_bytes"]
+        checks.append(("batch forward+backward: peak memory, einsum vs C++", f"{ratio:.1f}× lower", "≥ 10×",
+                       ratio >= 10))
+    if cpu and torch_row:
+        ratio = torch_row["median_s"] / cpu["median_s"]
+        checks.append(("batch forward+backward: C++ vs torch backend", f"{ratio:.2f}× faster", "> 1×", ratio > 1))
+    for label, measured, target, met in checks:
+        lines.append(f"| {label} | {measured} | {target} | {'yes' if met else 'NO'} |")
+    lines += ["", "GEMM floor: 2·Bt·Bi·T·V·D FLOPs (forward), 4× that (forward+backward), at the BLAS rate above for "
+              "the row's thread count. vs best PyTorch variant: against the faster of the torch backend and the "
+              "einsum reference at the same size, mode and thread count."]
     return lines
+
+
+SIZES_MODES = {"batch": "forward+backward", "gallery": "forward"}
 
 
 def _format_time(seconds: float) -> str:
@@ -177,7 +291,8 @@ def _machine_info(config) -> list[str]:
     return [
         f"- command: `pytest {' '.join(config.invocation_params.args)}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- CPU: {cpu_model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        f"- CPU: {cpu_model}, {os.cpu_count()} logical cores; torch threads as given per row; "
+        f"instruction set of the C++ kernels: {cbd_fast.build_info().get('cpu_isa')} (Banzhaf: at most avx2)",
         f"- load average (1/5/15 min) at start: {config.stash[LOAD_AT_START_KEY]}; at end: {_load_average()} "
         "(the start value is taken before any benchmark runs: well above 0 means other processes were competing "
         "for the cores)",
@@ -187,25 +302,45 @@ def _machine_info(config) -> list[str]:
     ]
 
 
-def _summary(results: dict) -> list[str]:
-    lines = ["| size | mode | variant | B | T | V | K | rounds | median | min | per draw (µs, median) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (size, mode, variant), row in results.items():
+def _summary(results: dict, instructions: dict | None) -> list[str]:
+    # Instruction rate of this machine on the C++ kernel: callgrind's count over the measured time per cell.
+    anchor = results.get(("anchor", "forward", "cpu", 1))
+    rate = instructions["forward"] / anchor["ns_per_cell"] if instructions and anchor else None  # per ns
+    lines = ["| size | mode | variant | threads | B | T | V | K | rounds | median | ns / cell | vs best PyTorch variant "
+             "| fraction of floor |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (size, mode, variant, threads), row in results.items():
+        pytorch = [r for (s, m, v, t), r in results.items()
+                   if (s, m, t) == (size, mode, threads) and v in PYTORCH_VARIANTS]
+        best = min((r["ns_per_cell"] for r in pytorch), default=None)
+        versus = _versus_best(best, row["ns_per_cell"], variant in PYTORCH_VARIANTS)
+        fraction = (f"{FLOOR_INSTRUCTIONS[mode] / (rate * threads) / row['ns_per_cell']:.3g}"
+                    if rate is not None else "n/a")
         batch = f"{row['B']} (1 of the batch)" if variant == "per_pair" else row["B"]
-        lines.append(f"| {size} | {mode} | {variant} | {batch} | {row['T']} | {row['V']} | {row['K']} | "
-                     f"{row['rounds']} | {_format_time(row['median_s'])} | {_format_time(row['min_s'])} | "
-                     f"{row['per_draw_us']:.4g} |")
-    lines += ["", "| speed-up of C++ (`cpu`) | ratio | target | met |", "|---|---|---|---|"]
+        lines.append(f"| {size} | {mode} | {variant} | {threads} | {batch} | {row['T']} | {row['V']} | {row['K']} | "
+                     f"{row['rounds']} | {_format_time(row['median_s'])} | {row['ns_per_cell']:.4g} | {versus} | "
+                     f"{fraction} |")
+    lines += ["", "| speed-up of C++ (`cpu`), one thread | ratio | target | met |", "|---|---|---|---|"]
     for label, size, mode, other, target in RATIOS:
-        fast, slow = results.get((size, mode, "cpu")), results.get((size, mode, other))
+        fast, slow = results.get((size, mode, "cpu", 1)), results.get((size, mode, other, 1))
         if fast is None or slow is None:
             lines.append(f"| {label} | n/a (not run) | ≥ {target}× | |")
             continue
-        ratio = slow["per_draw_us"] / fast["per_draw_us"]
+        ratio = slow["ns_per_cell"] / fast["ns_per_cell"]
         lines.append(f"| {label} | {ratio:.1f}× | ≥ {target}× | {'yes' if ratio >= target else 'NO'} |")
-    lines += ["", "Per draw = median / (K·B) for batched variants (one coalition draw of one image-text pair); for "
-              "the per-pair loop = median / (K·pairs) × (T·V), the same unit of work. Ratios are per draw; they "
-              "equal the ratio of medians where K and B agree."]
+    if anchor:
+        met = anchor["ns_per_cell"] <= CPU_NS_PER_CELL_TARGET
+        lines.append(f"| C++ forward, anchor: ns per (token pair, draw) | {anchor['ns_per_cell']:.3g} ns | "
+                     f"≤ {CPU_NS_PER_CELL_TARGET:g} ns | {'yes' if met else 'NO'} |")
+    lines += ["", "ns / cell = median / (K·B·T·V): one draw of one interaction cell (t, u) of one pair (for the per-pair "
+              "loop: median / (K·T·V), the same unit of work). vs best PyTorch variant: against the fastest of the "
+              "torch backend, the reference and the per-pair loop at the same size, mode and thread count, per cell."]
+    if instructions:
+        lines.append(f"Instruction floor: {FLOOR_INSTRUCTIONS['forward']} instructions per cell forward, "
+                     f"{FLOOR_INSTRUCTIONS['forward+backward']} forward+backward (48 and 192 fp32 operations in "
+                     f"8-lane AVX2 instructions). callgrind counts {instructions['forward']:.1f} instructions per "
+                     f"cell in the C++ forward (AVX2 version, anchor, K=256, one thread), i.e. "
+                     f"{rate:.3g} instructions per ns at its median; fraction of floor = the floor instructions at "
+                     f"that rate (× threads) / the row's time per cell.")
     return lines
 
 
@@ -232,12 +367,6 @@ def _gpu_banzhaf_summary(results: dict) -> list[str]:
             cells.append(f"{row['per_draw_us'] / fused[best]['per_draw_us']:.3g}×" if row else "n/a")
         lines.append(f"| {size} | {dtype} | " + " | ".join(cells) + " |")
     return lines
-
-
-def _speed_ratio(reference_s: float, variant_s: float) -> str:
-    """"2.5× faster" or "1.9× slower": the variant's time against the reference's, always a ratio >= 1."""
-    ratio = reference_s / variant_s
-    return f"{ratio:.3g}× faster" if ratio >= 1 else f"{1 / ratio:.3g}× slower"
 
 
 def _gpu_maxsim_summary(results: dict) -> list[str]:
@@ -298,23 +427,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     maxsim_results = config.stash.get(MAXSIM_KEY, {})
     if maxsim_results:
         lines = _maxsim_summary(maxsim_results)
-        terminalreporter.write_sep("=", "MaxSim CPU benchmark summary (forward+backward, medians)")
+        terminalreporter.write_sep("=", "MaxSim CPU benchmark summary (medians)")
         for line in lines:
             terminalreporter.write_line(line)
-        header = ["# CPU benchmark: cbd_fast.maxsim forward+backward (Bt=Bi=64, T=32, V=50, D=256, wti, fp32)", "",
-                  *_machine_info(config), ""]
+        header = ["# CPU benchmark: cbd_fast.maxsim (fp32, wti; batch: forward+backward Bt=Bi=64, T=32, V=50, D=256; "
+                  "gallery: forward Bt=Bi=256, T=77, V=50, D=512)", "", *_machine_info(config), ""]
         MAXSIM_FILE.parent.mkdir(parents=True, exist_ok=True)
         MAXSIM_FILE.write_text("\n".join([*header, *lines, ""]), encoding="utf-8")
         terminalreporter.write_line(f"written to {MAXSIM_FILE}")
     results = config.stash.get(RESULTS_KEY, {})
     if not results:
         return
-    lines = _summary(results)
+    lines = _summary(results, config.stash.get(INSTRUCTIONS_KEY, None))
     terminalreporter.write_sep("=", "Banzhaf CPU benchmark summary (medians)")
     for line in lines:
         terminalreporter.write_line(line)
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    header = ["# CPU benchmark: cbd_fast.banzhaf_interaction (paired, fp32)", "",
-              *_machine_info(config), ""]
+    header = ["# CPU benchmark: cbd_fast.banzhaf_interaction (paired, fp32)", "", *_machine_info(config), ""]
     RESULTS_FILE.write_text("\n".join([*header, *lines, ""]), encoding="utf-8")
     terminalreporter.write_line(f"written to {RESULTS_FILE}")

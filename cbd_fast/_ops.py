@@ -56,8 +56,10 @@ def build_info() -> dict[str, Any]:
     """Which backends this installation has, and what they were built with.
 
     Keys: ``cpu`` (C++ kernels compiled), ``cuda`` (CUDA kernels compiled), ``cuda_device`` (name of the visible
-    GPU or None), ``triton`` (Triton importable), ``triton_version``, ``openmp``, ``cuda_version``,
-    ``cuda_arch_list``, ``compiler``, ``built_with_torch``, ``torch`` (the running torch), ``extension_error``.
+    GPU or None), ``triton`` (Triton importable), ``triton_version``, ``openmp``, ``cpu_isa`` (the best instruction
+    set of this CPU the C++ kernels use: ``avx512``, ``avx2`` or ``portable``; the environment variable
+    ``CBD_FAST_CPU_ISA`` lowers it), ``cuda_version``, ``cuda_arch_list``, ``compiler``, ``built_with_torch``,
+    ``torch`` (the running torch), ``extension_error``.
     """
     cfg = _C.compiled_config() if _C is not None else {}
     triton_version = None
@@ -75,6 +77,7 @@ def build_info() -> dict[str, Any]:
         "triton": triton_version is not None,
         "triton_version": triton_version,
         "openmp": bool(cfg.get("openmp", False)),
+        "cpu_isa": cfg.get("cpu_isa"),
         "cuda_version": cfg.get("cuda_version") or None,
         "cuda_arch_list": cfg.get("cuda_arch_list") or None,
         "compiler": cfg.get("compiler"),

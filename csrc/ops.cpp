@@ -2,6 +2,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_isa.h"
 #include "ops.h"
 
 #ifdef _OPENMP
@@ -24,13 +25,6 @@ TORCH_LIBRARY(cbd_fast, m) {
       "Tensor text_weight, Tensor image_weight, int num_samples, int seed, str estimator) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "maxsim_forward(Tensor text, Tensor image, Tensor text_mask, Tensor image_mask, Tensor text_weight, "
-      "Tensor image_weight, str reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "maxsim_backward(Tensor grad_score, Tensor text, Tensor image, Tensor text_mask, Tensor image_mask, "
-      "Tensor text_weight, Tensor image_weight, str reduction, Tensor text_argmax, Tensor image_argmax, "
-      "Tensor text_max, Tensor image_max) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
       "maxsim_score(Tensor text, Tensor image, Tensor text_mask, Tensor image_mask, Tensor alpha, Tensor beta) "
       "-> Tensor");
   m.def(
@@ -42,8 +36,8 @@ TORCH_LIBRARY_IMPL(cbd_fast, CPU, m) {
   m.impl("fill_coalitions", &fill_coalitions_cpu);
   m.impl("banzhaf_interaction", &banzhaf_interaction_cpu);
   m.impl("banzhaf_interaction_backward", &banzhaf_interaction_backward_cpu);
-  m.impl("maxsim_forward", &maxsim_forward_cpu);
-  m.impl("maxsim_backward", &maxsim_backward_cpu);
+  m.impl("maxsim_score", &maxsim_score_cpu);
+  m.impl("maxsim_score_backward", &maxsim_score_backward_cpu);
 }
 
 #ifdef CBD_FAST_WITH_CUDA
@@ -69,7 +63,8 @@ TORCH_LIBRARY_IMPL(cbd_fast, CUDA, m) {
 #define CBD_FAST_TORCH_VERSION ""
 #endif
 
-// What this binary was compiled with; cbd_fast.build_info() reads it.
+// What this binary was compiled with, and the best instruction set of this CPU its CPU kernels can use;
+// cbd_fast.build_info() reads it.
 static PyObject* compiled_config(PyObject*, PyObject*) {
 #ifdef CBD_FAST_WITH_CUDA
   PyObject* cuda = Py_True;
@@ -83,9 +78,10 @@ static PyObject* compiled_config(PyObject*, PyObject*) {
   PyObject* openmp = Py_False;
   const int openmp_version = 0;
 #endif
-  return Py_BuildValue("{s:O,s:O,s:i,s:s,s:s,s:s,s:s}", "cuda", cuda, "openmp", openmp, "openmp_version",
+  return Py_BuildValue("{s:O,s:O,s:i,s:s,s:s,s:s,s:s,s:s}", "cuda", cuda, "openmp", openmp, "openmp_version",
                        openmp_version, "cuda_version", CBD_FAST_CUDA_VERSION, "cuda_arch_list",
-                       CBD_FAST_CUDA_ARCH_LIST, "torch_version", CBD_FAST_TORCH_VERSION, "compiler",
+                       CBD_FAST_CUDA_ARCH_LIST, "torch_version", CBD_FAST_TORCH_VERSION, "cpu_isa",
+                       cbd_fast::cpu_isa::name(cbd_fast::cpu_isa::detected()), "compiler",
 #if defined(__clang__)
                        "clang " __clang_version__
 #elif defined(__GNUC__)

@@ -10,7 +10,6 @@ namespace cbd_fast {
 
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // coalitions: fill bool text_in[K,B,T] and image_in[K,B,V] with the Philox stream of DESIGN §4.2.
 void fill_coalitions_cpu(at::Tensor& text_in, at::Tensor& image_in, int64_t seed);
@@ -42,22 +41,14 @@ Tensor3 banzhaf_interaction_from_tokens_cuda(const at::Tensor& text, const at::T
                                              const at::Tensor& text_weight, const at::Tensor& image_weight,
                                              int64_t num_samples, int64_t seed, c10::string_view estimator);
 
-// maxsim: score[Bt,Bi] plus what the backward needs, O(Bt*Bi*(T+V)) memory:
-// (score, text_argmax[Bt,Bi,T] int32, image_argmax[Bt,Bi,V] int32, text_max[Bt,Bi,T], image_max[Bt,Bi,V]).
-Tensor5 maxsim_forward_cpu(const at::Tensor& text, const at::Tensor& image, const at::Tensor& text_mask,
-                           const at::Tensor& image_mask, const at::Tensor& text_weight,
-                           const at::Tensor& image_weight, c10::string_view reduction);
-// Returns (grad_text, grad_image, grad_text_weight, grad_image_weight).
-Tensor4 maxsim_backward_cpu(const at::Tensor& grad_score, const at::Tensor& text, const at::Tensor& image,
-                            const at::Tensor& text_mask, const at::Tensor& image_mask,
-                            const at::Tensor& text_weight, const at::Tensor& image_weight,
-                            c10::string_view reduction, const at::Tensor& text_argmax,
-                            const at::Tensor& image_argmax, const at::Tensor& text_max,
-                            const at::Tensor& image_max);
-
-// maxsim_score (CUDA): score[Bt,Bi] of DESIGN §5 from the token coefficients alpha[Bt,T], beta[Bi,V] (computed by
-// the caller, 0 on invalid tokens); memory O(Bt*Bi). The backward recomputes the maxima and returns
-// (grad_text, grad_image, grad_alpha, grad_beta).
+// maxsim_score: score[Bt,Bi] of DESIGN §5 from the token coefficients alpha[Bt,T], beta[Bi,V] (computed by the
+// caller, 0 on invalid tokens); memory O(Bt*Bi), nothing kept for the backward. The backward recomputes the maxima
+// and returns (grad_text, grad_image, grad_alpha, grad_beta), in float32 for half-precision features.
+at::Tensor maxsim_score_cpu(const at::Tensor& text, const at::Tensor& image, const at::Tensor& text_mask,
+                            const at::Tensor& image_mask, const at::Tensor& alpha, const at::Tensor& beta);
+Tensor4 maxsim_score_backward_cpu(const at::Tensor& grad_score, const at::Tensor& text, const at::Tensor& image,
+                                  const at::Tensor& text_mask, const at::Tensor& image_mask, const at::Tensor& alpha,
+                                  const at::Tensor& beta);
 at::Tensor maxsim_score_cuda(const at::Tensor& text, const at::Tensor& image, const at::Tensor& text_mask,
                              const at::Tensor& image_mask, const at::Tensor& alpha, const at::Tensor& beta);
 Tensor4 maxsim_score_backward_cuda(const at::Tensor& grad_score, const at::Tensor& text, const at::Tensor& image,

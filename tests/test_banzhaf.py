@@ -106,6 +106,79 @@ def test_cpu_result_independent_of_thread_count(estimator):
         assert torch.equal(first, second)
 
 
+def spanning_game(span, seed=0):
+    """Cosine similarities of unit features in float32, ~20% padding, and weight logits whose valid values span
+    exactly `span` in every pair (a token at each end)."""
+    batch, text_len, image_len = 3, 6, 7
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.nn.functional.normalize(torch.randn(batch, text_len, 16, generator=gen), dim=-1)
+    image = torch.nn.functional.normalize(torch.randn(batch, image_len, 16, generator=gen), dim=-1)
+    text_mask = torch.rand(batch, text_len, generator=gen) > 0.2
+    image_mask = torch.rand(batch, image_len, generator=gen) > 0.2
+    text_mask[:, :2] = True
+    image_mask[:, :2] = True
+
+    def logits(length):
+        x = torch.rand(batch, length, generator=gen)
+        x[:, 0], x[:, 1] = 0.0, 1.0
+        return span * (x - 0.5)
+
+    return torch.bmm(text, image.transpose(1, 2)), text_mask, image_mask, logits(text_len), logits(image_len)
+
+
+def relative_error(actual, expected):
+    """Largest deviation relative to the largest entry (entries near 0 have no relative precision to speak of)."""
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+@requires_extension
+@pytest.mark.parametrize("span", [0, 12, 20, 27])
+@pytest.mark.parametrize("estimator", ["paired", "msr"])
+def test_cpu_float32_keeps_float64_precision_over_the_weight_span(estimator, span):
+    """float32 sims are estimated in float32 to within 1e-6 of the float64 reference (relative to the largest
+    entry of each output) at every weight span the op accepts: the leave-one-out sums are exact, so weights
+    e^27 apart cancel nothing. Gradients are within 1e-5 of the float64 kernel's."""
+    game = spanning_game(span)
+    expected = reference.banzhaf_interaction(*(x.double() if x.is_floating_point() else x for x in game),
+                                             num_samples=64, seed=3, estimator=estimator)
+    actual = cbd_fast.banzhaf_interaction(*game, num_samples=64, seed=3, estimator=estimator, backend="cpu")
+    assert actual.interaction.dtype == torch.float32
+    for name, a, e in zip(("interaction", "text_value", "image_value"), actual, expected):
+        assert relative_error(a, e) <= 1e-6, (name, relative_error(a, e))
+
+    def gradients(dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (game[0], game[3], game[4])]
+        out = cbd_fast.banzhaf_interaction(leaves[0], game[1], game[2], *leaves[1:], num_samples=64, seed=3,
+                                           estimator=estimator, backend="cpu")
+        gen = torch.Generator().manual_seed(1)
+        return torch.autograd.grad(out, leaves, [torch.randn(x.shape, generator=gen).to(dtype) for x in out])
+
+    for name, a, e in zip(("sim", "text_weight", "image_weight"), gradients(torch.float32), gradients(torch.float64)):
+        assert relative_error(a, e) <= 1e-5, (name, relative_error(a, e))
+
+
+@requires_extension
+@pytest.mark.skipif(cbd_fast.build_info().get("cpu_isa") not in ("avx2", "avx512"), reason="needs an AVX2 CPU")
+def test_cpu_instruction_set_versions_agree_bit_for_bit(monkeypatch):
+    """The AVX2 and the portable versions run the same IEEE operations in the same order."""
+    runs = []
+    for isa in ("avx2", "portable"):
+        monkeypatch.setenv("CBD_FAST_CPU_ISA", isa)
+        outputs = []
+        for estimator, dtype in (("paired", torch.float32), ("paired", torch.float64), ("msr", torch.float32),
+                                 ("exact", torch.float32)):
+            shape = (3, 5, 4) if estimator == "exact" else (3, 9, 13)
+            sim, text_mask, image_mask, text_weight, image_weight = random_game(*shape, dtype=dtype, seed=7)
+            leaves = [x.requires_grad_() for x in (sim, text_weight, image_weight)]
+            out = cbd_fast.banzhaf_interaction(leaves[0], text_mask, image_mask, *leaves[1:], num_samples=40,
+                                               seed=5, estimator=estimator, backend="cpu")
+            gen = torch.Generator().manual_seed(1)
+            outputs += [*out, *torch.autograd.grad(out, leaves, [torch.randn(x.shape, generator=gen, dtype=dtype)
+                                                                  for x in out])]
+        runs.append(outputs)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @requires_extension
 def test_same_seed_same_result_other_seed_differs():
     game = random_game(2, 5, 6, seed=8)
@@ -386,6 +459,20 @@ def test_float32_accuracy_over_the_weight_logit_span(backend, kind, span):
 def test_cpu_kernel_size_limit_is_a_clear_error():
     with pytest.raises(ValueError, match="T, V <= 4096"):
         cbd_fast.banzhaf_interaction(torch.zeros(1, 1, 4097), num_samples=1, backend="cpu")
+
+
+@requires_extension
+@pytest.mark.parametrize("shape", [(0, 2, 3), (2, 0, 3), (2, 3, 0)])
+def test_raw_cpu_ops_refuse_empty_games(shape):
+    """The registered ops, called directly, check every size they index with."""
+    batch, text_len, image_len = shape
+    game = (torch.zeros(shape), torch.ones(batch, text_len, dtype=torch.bool),
+            torch.ones(batch, image_len, dtype=torch.bool), torch.zeros(batch, text_len), torch.zeros(batch, image_len))
+    with pytest.raises(RuntimeError, match=r"sim must have B, T, V >= 1"):
+        torch.ops.cbd_fast.banzhaf_interaction(*game, 4, 0, "paired")
+    grads = (torch.zeros(shape), torch.zeros(batch, text_len), torch.zeros(batch, image_len))
+    with pytest.raises(RuntimeError, match=r"sim must have B, T, V >= 1"):
+        torch.ops.cbd_fast.banzhaf_interaction_backward(*grads, *game, 4, 0, "paired")
 
 
 def test_backend_that_cannot_run_says_why():

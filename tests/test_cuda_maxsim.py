@@ -91,17 +91,12 @@ def cuda_backward(inputs, grad_score):
 def cpu_reference(inputs, grad_score=None):
     """The C++ op in float64: score [Bt, Bi] and, for grad_score, (grad_text, grad_image, grad_alpha, grad_beta)
     with grad_alpha[a,t] = ½ Σ_b g[a,b]·rowmax(a,b,t) and grad_beta[b,u] = ½ Σ_a g[a,b]·colmax(a,b,u)."""
-    args = (inputs["text"].double(), inputs["image"].double(), inputs["text_mask"], inputs["image_mask"],
-            inputs["text_weight"], inputs["image_weight"], inputs["reduction"])
-    score, text_argmax, image_argmax, text_max, image_max = torch.ops.cbd_fast.maxsim_forward(*args)
+    alpha, beta = coefficients(inputs, torch.float64)
+    args = (inputs["text"].double(), inputs["image"].double(), inputs["text_mask"], inputs["image_mask"], alpha, beta)
+    score = torch.ops.cbd_fast.maxsim_score(*args)
     if grad_score is None:
         return score
-    g = grad_score.double()
-    grad_text, grad_image, _, _ = torch.ops.cbd_fast.maxsim_backward(g, *args, text_argmax, image_argmax, text_max,
-                                                                     image_max)
-    grad_alpha = 0.5 * torch.einsum("ab,abt->at", g, text_max)
-    grad_beta = 0.5 * torch.einsum("ab,abv->bv", g, image_max)
-    return score, (grad_text, grad_image, grad_alpha, grad_beta)
+    return score, torch.ops.cbd_fast.maxsim_score_backward(grad_score.double(), *args)
 
 
 def random_grad(num_texts, num_images, seed=1):

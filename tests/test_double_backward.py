@@ -76,11 +76,10 @@ def test_gradgradcheck_of_a_compiled_op_is_the_clear_error():
                                      (sim,))
 
 
-@pytest.mark.skipif(not hasattr(torch.ops.cbd_fast, "maxsim_score"),
-                    reason="extension built without its CUDA ops")
-def test_cuda_ops_refuse_second_derivatives():
-    """The CUDA-only ops, run through their autograd formulas and shape functions on meta tensors (no GPU here):
-    the registration they share with the Triton ops makes a second derivative the same clear error."""
+@requires_extension
+def test_maxsim_score_refuses_second_derivatives_on_meta_tensors():
+    """The maxsim_score op (C++ and CUDA kernels), run through its autograd formula and shape functions on meta
+    tensors: the registration it shares with the Triton ops makes a second derivative the same clear error."""
     text, image = (x.detach().to("meta").requires_grad_() for x in _features(dtype=torch.float32))
     text_mask = torch.ones(2, 3, dtype=torch.bool, device="meta")
     image_mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
@@ -104,6 +103,6 @@ def test_every_compiled_backward_op_has_an_autograd_formula():
     fallback, which only warns and treats its outputs as constants. (The Triton ops are torch.library custom ops,
     which always have one; their refusal is tested above.)"""
     names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("cbd_fast::") and n.endswith("backward")]
-    assert {"cbd_fast::banzhaf_interaction_backward", "cbd_fast::maxsim_backward"} <= set(names)
+    assert {"cbd_fast::banzhaf_interaction_backward", "cbd_fast::maxsim_score_backward"} <= set(names)
     for name in names:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd"), name

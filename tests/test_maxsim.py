@@ -9,6 +9,7 @@ import torch
 
 import cbd_fast
 from cbd_fast import reference
+from cbd_fast.maxsim import token_coefficients
 
 maxsim_module = importlib.import_module("cbd_fast.maxsim")  # the module, which the function of that name shadows
 
@@ -156,13 +157,16 @@ def tied_pair():
     return inputs, best_image_token, best_text_token
 
 
-def test_cpu_op_ties_store_lowest_index():
-    inputs, best_image_token, best_text_token = tied_pair()
-    _, text_argmax, image_argmax, text_max, image_max = torch.ops.cbd_fast.maxsim_forward(*inputs, "sum")
-    assert text_argmax.dtype == torch.int32
-    assert text_argmax[0, 0].tolist() == best_image_token
-    assert image_argmax[0, 0].tolist() == best_text_token
-    assert text_max[0, 0].tolist() == [10.0, 5.0, 10.0] and image_max[0, 0].tolist() == [-2.5, 10.0, -2.5, 10.0]
+def test_cpu_op_ties_take_the_tied_maximum():
+    """The raw backward's coefficient gradients are ½·g times the maxima of each token."""
+    inputs, _, _ = tied_pair()
+    text, image, text_mask, image_mask = inputs[:4]
+    ones_t, ones_v = torch.ones(1, 3, dtype=torch.float64), torch.ones(1, 4, dtype=torch.float64)
+    score = torch.ops.cbd_fast.maxsim_score(text, image, text_mask, image_mask, ones_t, ones_v)
+    assert score.item() == 0.5 * ((10 + 5 + 10) + (-2.5 + 10 - 2.5 + 10))
+    _, _, grad_alpha, grad_beta = torch.ops.cbd_fast.maxsim_score_backward(
+        torch.ones(1, 1, dtype=torch.float64), text, image, text_mask, image_mask, ones_t, ones_v)
+    assert grad_alpha.tolist() == [[5.0, 2.5, 5.0]] and grad_beta.tolist() == [[-1.25, 5.0, -1.25, 5.0]]
 
 
 @pytest.mark.parametrize("implementation", ["cpu", "torch", "reference"])
@@ -207,13 +211,24 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_cpu_op_gradcheck(reduction):
+def test_cpu_gradcheck(reduction):
     text, image, text_mask, image_mask, text_weight, image_weight = make_inputs(4, 3, 3, 4, 6, empty_image=2)
     leaves = [x.requires_grad_() for x in (text, image, text_weight, image_weight)]
 
     def score(text, image, text_weight, image_weight):
-        return torch.ops.cbd_fast.maxsim_forward(text, image, text_mask, image_mask, text_weight, image_weight,
-                                                 reduction)[0]
+        return cbd_fast.maxsim(text, image, text_mask, image_mask, text_weight, image_weight, reduction, "cpu")
+
+    assert torch.autograd.gradcheck(score, leaves, eps=1e-6, atol=1e-7)
+
+
+def test_cpu_op_gradcheck_with_coefficients():
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs(4, 3, 3, 4, 6, empty_image=2)
+    alpha = token_coefficients(text_weight, text_mask, "wti", torch.float64)
+    beta = token_coefficients(image_weight, image_mask, "wti", torch.float64)
+    leaves = [x.requires_grad_() for x in (text, image, alpha, beta)]
+
+    def score(text, image, alpha, beta):
+        return torch.ops.cbd_fast.maxsim_score(text, image, text_mask, image_mask, alpha, beta)
 
     assert torch.autograd.gradcheck(score, leaves, eps=1e-6, atol=1e-7)
 
@@ -299,28 +314,115 @@ def test_whatever_invalid_tokens_hold_changes_nothing(backend, kernel_device):
             torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
 
 
+def op_arguments(inputs, reduction="wti", dtype=torch.float64):
+    """(text, image, text_mask, image_mask, alpha, beta) of maxsim_score from make_inputs' tuple."""
+    text, image, text_mask, image_mask, text_weight, image_weight = inputs
+    return (text, image, text_mask, image_mask, token_coefficients(text_weight, text_mask, reduction, dtype),
+            token_coefficients(image_weight, image_mask, reduction, dtype))
+
+
 def test_opcheck_forward_and_backward():
-    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs(3, 4, 2, 5, 6, empty_image=1)
-    args = (text, image, text_mask, image_mask, text_weight, image_weight, "wti")
-    torch.library.opcheck(torch.ops.cbd_fast.maxsim_forward, args)
-    grad_args = tuple(x.clone().requires_grad_() if x.is_floating_point() else x for x in args[:6]) + ("wti",)
-    torch.library.opcheck(torch.ops.cbd_fast.maxsim_forward, grad_args)
-    saved = torch.ops.cbd_fast.maxsim_forward(*args)
+    args = op_arguments(make_inputs(3, 4, 2, 5, 6, empty_image=1))
+    torch.library.opcheck(torch.ops.cbd_fast.maxsim_score, args)
+    grad_args = tuple(x.clone().requires_grad_() if x.is_floating_point() else x for x in args)
+    torch.library.opcheck(torch.ops.cbd_fast.maxsim_score, grad_args)
     grad_score = torch.randn(3, 2, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.cbd_fast.maxsim_backward, (grad_score, *args, *saved[1:]))
-    # Half-precision features: fp32 score and maxima, grads in the inputs' dtypes.
-    half_args = (text.half(), image.half(), text_mask, image_mask, text_weight.float(), image_weight.half(), "sum")
-    torch.library.opcheck(torch.ops.cbd_fast.maxsim_forward, half_args)
-    half_saved = torch.ops.cbd_fast.maxsim_forward(*half_args)
-    torch.library.opcheck(torch.ops.cbd_fast.maxsim_backward, (grad_score.float(), *half_args, *half_saved[1:]))
+    torch.library.opcheck(torch.ops.cbd_fast.maxsim_score_backward, (grad_score, *args))
+    # Half-precision features: fp32 score and gradients.
+    text, image, text_mask, image_mask, alpha, beta = args
+    half_args = (text.half(), image.half(), text_mask, image_mask, alpha.float(), beta.float())
+    torch.library.opcheck(torch.ops.cbd_fast.maxsim_score, half_args)
+    torch.library.opcheck(torch.ops.cbd_fast.maxsim_score_backward, (grad_score.float(), *half_args))
 
 
-def test_maxima_are_not_differentiable_outputs():
-    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs()
-    outputs = torch.ops.cbd_fast.maxsim_forward(text.requires_grad_(), image, text_mask, image_mask, text_weight,
-                                                image_weight, "wti")
-    assert outputs[0].requires_grad
-    assert not any(x.requires_grad for x in outputs[1:])
+def held_cpu_bytes(fn):
+    """(result of fn(), bytes allocated by the torch CPU allocator during fn() and still held at its end)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    return result, sum(e.nbytes() for e in events)
+
+
+def test_cpu_forward_keeps_nothing_for_a_backward():
+    """Under no_grad the forward holds only the score; with grad it saves its inputs and α, β (O(Bt·T + Bi·V)),
+    never per-pair state: the backward recomputes the maxima."""
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs(6, 5, 7, 4, 8, dtype=torch.float32)
+    with torch.no_grad():
+        score, held = held_cpu_bytes(lambda: cbd_fast.maxsim(text, image, text_mask, image_mask, text_weight,
+                                                             image_weight, backend="cpu"))
+    assert score.grad_fn is None and held == score.numel() * score.element_size()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        score = cbd_fast.maxsim(text.requires_grad_(), image, text_mask, image_mask, text_weight, image_weight,
+                                backend="cpu")
+    per_pair = [x.shape for x in saved if x.dim() >= 2 and x.shape[:2] == (6, 7)]
+    assert not per_pair, per_pair
+    assert sum(x.numel() for x in saved) <= 2 * sum(x.numel() for x in (text, image, text_weight, image_weight)) + 42
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_similarities_give_nan_scores(backend):
+    """A NaN on a valid token reaches the scores of its pairs (as torch.max propagates NaN)."""
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs(4, 6, 5, 7, 8, dtype=torch.float32)
+    clean = cbd_fast.maxsim(text, image, text_mask, image_mask, text_weight, image_weight, backend=backend)
+    text[1, 0, 3] = float("nan")  # token 0 is valid in every text
+    scores = cbd_fast.maxsim(text, image, text_mask, image_mask, text_weight, image_weight, backend=backend)
+    assert scores[1].isnan().all() and torch.equal(scores[[0, 2, 3]], clean[[0, 2, 3]])
+
+
+def test_cpu_nan_on_padding_tokens_changes_nothing():
+    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs(4, 6, 5, 7, 8, dtype=torch.float32)
+    clean = cbd_fast.maxsim(text, image, text_mask, image_mask, text_weight, image_weight, backend="cpu")
+    text_pad, image_pad = (~text_mask).nonzero()[0].tolist(), (~image_mask).nonzero()[0].tolist()
+    text[text_pad[0], text_pad[1]] = float("nan")
+    image[image_pad[0], image_pad[1]] = float("nan")
+    scores = cbd_fast.maxsim(text, image, text_mask, image_mask, text_weight, image_weight, backend="cpu")
+    assert torch.equal(scores, clean)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 7, 9, 24), (40, 20, 1, 17, 64)], ids=["as-is", "one-narrow-image"])
+def test_cpu_op_is_symmetric_in_its_sides(shape):
+    """Swapping (text, α) with (image, β) transposes the score bit for bit. The op computes a narrow image side (one
+    image of 17 tokens against many texts) that way round, as the padding is smaller: same results."""
+    inputs = make_inputs(*shape, dtype=torch.float32, empty_text=3)
+    text, image, text_mask, image_mask, alpha, beta = op_arguments(inputs, dtype=torch.float32)
+    score = torch.ops.cbd_fast.maxsim_score(text, image, text_mask, image_mask, alpha, beta)
+    swapped = torch.ops.cbd_fast.maxsim_score(image, text, image_mask, text_mask, beta, alpha)
+    assert torch.equal(score, swapped.t())
+    expected, expected_grads = score_and_grads(reference.maxsim, *(x.double() if x.is_floating_point() else x
+                                                                   for x in inputs))
+    actual, grads = score_and_grads(cbd_fast.maxsim, *inputs, backend="cpu")
+    torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def isa_results(isa, monkeypatch, inputs):
+    monkeypatch.setenv("CBD_FAST_CPU_ISA", isa)
+    grad_score = torch.randn(inputs[0].shape[0], inputs[1].shape[0], generator=torch.Generator().manual_seed(5))
+    return score_and_grads(cbd_fast.maxsim, *inputs, grad_score=grad_score, backend="cpu")
+
+
+def test_cpu_instruction_set_versions_agree(monkeypatch):
+    """The portable version (separate multiply and add) agrees with the best one to rounding; AVX2 and AVX-512 fuse
+    their multiply-adds in the same order and agree bit for bit."""
+    inputs = make_inputs(9, 13, 11, 17, 70, dtype=torch.float32, empty_text=2)
+    best = cbd_fast.build_info()["cpu_isa"]
+    results = {isa: isa_results(isa, monkeypatch, inputs) for isa in ("portable", "avx2", "avx512")}
+    (score, grads), (portable_score, portable_grads) = results[best], results["portable"]
+    torch.testing.assert_close(portable_score, score, rtol=1e-5, atol=1e-6)
+    for grad, portable_grad in zip(grads, portable_grads):
+        torch.testing.assert_close(portable_grad, grad, rtol=1e-5, atol=1e-6)
+    if best == "avx512":
+        avx2_score, avx2_grads = results["avx2"]
+        assert torch.equal(avx2_score, score) and all(torch.equal(a, b) for a, b in zip(avx2_grads, grads))
+
+
+def test_bad_instruction_set_name_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CBD_FAST_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="CBD_FAST_CPU_ISA must be 'portable', 'avx2' or 'avx512'"):
+        cbd_fast.maxsim(torch.randn(2, 3, 4), torch.randn(2, 3, 4), backend="cpu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -346,19 +448,16 @@ def test_bad_inputs_name_the_argument(backend, change, error, match):
 
 
 def test_cpu_op_checks_its_arguments():
-    text, image, text_mask, image_mask, text_weight, image_weight = make_inputs()
+    text, image, text_mask, image_mask, alpha, beta = op_arguments(make_inputs())
+    op = torch.ops.cbd_fast.maxsim_score
     with pytest.raises(RuntimeError, match="text_mask must be bool"):
-        torch.ops.cbd_fast.maxsim_forward(text, image, text_mask.double(), image_mask, text_weight, image_weight,
-                                          "wti")
-    with pytest.raises(RuntimeError, match=r"image_weight must have shape \[Bi, V\]"):
-        torch.ops.cbd_fast.maxsim_forward(text, image, text_mask, image_mask, text_weight, image_weight[:, 1:],
-                                          "wti")
-    with pytest.raises(RuntimeError, match="reduction must be 'wti', 'sum' or 'mean'"):
-        torch.ops.cbd_fast.maxsim_forward(text, image, text_mask, image_mask, text_weight, image_weight, "max")
-    saved = torch.ops.cbd_fast.maxsim_forward(text, image, text_mask, image_mask, text_weight, image_weight, "wti")
-    with pytest.raises(RuntimeError, match="text_argmax and image_argmax must be int32"):
-        torch.ops.cbd_fast.maxsim_backward(torch.ones(5, 4, dtype=torch.float64), text, image, text_mask,
-                                           image_mask, text_weight, image_weight, "wti", saved[1].long(),
-                                           *saved[2:])
+        op(text, image, text_mask.double(), image_mask, alpha, beta)
+    with pytest.raises(RuntimeError, match=r"beta must have shape \[Bi, V\]"):
+        op(text, image, text_mask, image_mask, alpha, beta[:, 1:])
+    with pytest.raises(RuntimeError, match="image must have the text's dtype"):
+        op(text, image.float(), text_mask, image_mask, alpha, beta)
+    with pytest.raises(RuntimeError, match=r"grad_score must have shape \[Bt, Bi\]"):
+        torch.ops.cbd_fast.maxsim_score_backward(torch.ones(4, 4, dtype=torch.float64), text, image, text_mask,
+                                                 image_mask, alpha, beta)
     with pytest.raises(ValueError, match=re.escape("backend='cpu' runs the C++ kernels on CPU tensors")):
         cbd_fast.maxsim(text.to("meta"), image.to("meta"), backend="cpu")

@@ -81,8 +81,7 @@ def cpp_score_and_grads(inputs, reduction, grad_score):
     """score and gradients w.r.t. (text, image, text_weight, image_weight) of the C++ op, by its autograd."""
     text, image, text_mask, image_mask, text_weight, image_weight = inputs
     leaves = [x.detach().clone().requires_grad_() for x in (text, image, text_weight, image_weight)]
-    score = torch.ops.cbd_fast.maxsim_forward(leaves[0], leaves[1], text_mask, image_mask, leaves[2], leaves[3],
-                                              reduction)[0]
+    score = cbd_fast.maxsim(leaves[0], leaves[1], text_mask, image_mask, leaves[2], leaves[3], reduction, "cpu")
     grads = torch.autograd.grad((score * grad_score.to(score.dtype)).sum(), leaves, allow_unused=True)
     return score.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
 
@@ -162,7 +161,7 @@ def test_multi_tile_paths_match_definition(kernel_device, dim):
 def test_half_precision_accumulates_in_fp32(kernel_device, dtype):
     inputs = make_inputs(dim=16, dtype=dtype, empty_image=0)
     grad_score = upstream_grad(3, 4, torch.float32)
-    expected_score = torch.ops.cbd_fast.maxsim_forward(*inputs, "wti")[0]  # the same half values, upcast
+    expected_score = cbd_fast.maxsim(*inputs, reduction="wti", backend="cpu")  # the same half values, upcast
     expected = definition_grads(coefficients(inputs, "wti"), grad_score)
     text, image, text_mask, image_mask, alpha, beta = (x.to(kernel_device) for x in coefficients(inputs, "wti"))
     score = kernels.maxsim_forward(text, image, text_mask, image_mask, alpha, beta).cpu()

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../maxsim_common.h"
 #include "../ops.h"
 
 namespace cbd_fast {
@@ -28,12 +29,12 @@ cudaError_t launch_maxsim_score_backward(int dtype, const void* grad_score, cons
 
 namespace {
 
+using maxsim_common::accumulation_type;
+using maxsim_common::is_empty_problem;
+using maxsim_common::ScoreSizes;
+
 // Limits of the CUDA kernels (shared-memory plan and int16 token indices).
 constexpr int64_t kMaxTextLen = 256, kMaxImageLen = 576, kMaxDim = 1024;
-
-struct ScoreSizes {
-  int64_t num_texts, text_len, num_images, image_len, dim;
-};
 
 int feature_dtype_code(at::ScalarType type) {
   switch (type) {
@@ -50,51 +51,12 @@ int feature_dtype_code(at::ScalarType type) {
   }
 }
 
-// fp64 features are computed in fp64; fp32 and half-precision features accumulate in fp32.
-at::ScalarType accumulation_type(at::ScalarType feature_type) {
-  return feature_type == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_on_device(const char* op, const char* name, const at::Tensor& x, const at::Device& device) {
-  TORCH_CHECK(x.device() == device, op, ": ", name, " must be on ", device, " (text's device), got one on ",
-              x.device());
-}
-
-void check_shape(const char* op, const char* name, const at::Tensor& x, at::IntArrayRef expected,
-                 const char* shape_doc) {
-  TORCH_CHECK(x.sizes() == expected, op, ": ", name, " must have shape ", shape_doc, " = ", expected, ", got ",
-              x.sizes());
-}
-
-// text[Bt,T,D] and image[Bi,V,D] of one float dtype on one CUDA device, bool masks and floating token
-// coefficients of the token shapes, all on that device; T, V, D within the kernel limits.
+// The shared checks (maxsim_common.h), then: on a CUDA device, T, V, D within the kernel limits.
 ScoreSizes check_score_inputs(const char* op, const at::Tensor& text, const at::Tensor& image,
                               const at::Tensor& text_mask, const at::Tensor& image_mask, const at::Tensor& alpha,
                               const at::Tensor& beta) {
-  TORCH_CHECK(text.dim() == 3, op, ": text must have shape [Bt, T, D], got ", text.sizes());
-  TORCH_CHECK(image.dim() == 3, op, ": image must have shape [Bi, V, D], got ", image.sizes());
-  TORCH_CHECK(image.size(2) == text.size(2), op, ": image must have shape [Bi, V, D] with D = ", text.size(2),
-              " (the text's D), got ", image.sizes());
-  TORCH_CHECK(feature_dtype_code(text.scalar_type()) >= 0, op,
-              ": text must be float32, float64, float16 or bfloat16, got ", text.scalar_type());
-  TORCH_CHECK(image.scalar_type() == text.scalar_type(), op, ": image must have the text's dtype ",
-              text.scalar_type(), ", got ", image.scalar_type());
+  const ScoreSizes n = maxsim_common::check_score_inputs(op, text, image, text_mask, image_mask, alpha, beta);
   TORCH_CHECK(text.is_cuda(), op, ": text must be a CUDA tensor, got one on ", text.device());
-  const ScoreSizes n{text.size(0), text.size(1), image.size(0), image.size(1), text.size(2)};
-  TORCH_CHECK(text_mask.scalar_type() == at::kBool, op, ": text_mask must be bool, got ", text_mask.scalar_type());
-  TORCH_CHECK(image_mask.scalar_type() == at::kBool, op, ": image_mask must be bool, got ",
-              image_mask.scalar_type());
-  TORCH_CHECK(at::isFloatingType(alpha.scalar_type()), op, ": alpha must be floating, got ", alpha.scalar_type());
-  TORCH_CHECK(at::isFloatingType(beta.scalar_type()), op, ": beta must be floating, got ", beta.scalar_type());
-  check_shape(op, "text_mask", text_mask, {n.num_texts, n.text_len}, "[Bt, T]");
-  check_shape(op, "image_mask", image_mask, {n.num_images, n.image_len}, "[Bi, V]");
-  check_shape(op, "alpha", alpha, {n.num_texts, n.text_len}, "[Bt, T]");
-  check_shape(op, "beta", beta, {n.num_images, n.image_len}, "[Bi, V]");
-  check_on_device(op, "image", image, text.device());
-  check_on_device(op, "text_mask", text_mask, text.device());
-  check_on_device(op, "image_mask", image_mask, text.device());
-  check_on_device(op, "alpha", alpha, text.device());
-  check_on_device(op, "beta", beta, text.device());
   TORCH_CHECK(n.text_len <= kMaxTextLen, op, ": the CUDA kernel supports at most ", kMaxTextLen,
               " text tokens per text, got T = ", n.text_len, " (text shape ", text.sizes(), ")");
   TORCH_CHECK(n.image_len <= kMaxImageLen, op, ": the CUDA kernel supports at most ", kMaxImageLen,
@@ -105,10 +67,6 @@ ScoreSizes check_score_inputs(const char* op, const at::Tensor& text, const at::
   TORCH_CHECK(n.num_texts <= kMaxItems && n.num_images <= kMaxItems, op, ": at most ", kMaxItems,
               " texts and images, got Bt = ", n.num_texts, ", Bi = ", n.num_images);
   return n;
-}
-
-bool is_empty_problem(const ScoreSizes& n) {
-  return n.num_texts == 0 || n.num_images == 0 || n.text_len == 0 || n.image_len == 0 || n.dim == 0;
 }
 
 }  // namespace
@@ -141,10 +99,7 @@ Tensor4 maxsim_score_backward_cuda(const at::Tensor& grad_score, const at::Tenso
                                    const at::Tensor& alpha, const at::Tensor& beta) {
   constexpr const char* op = "maxsim_score_backward";
   const ScoreSizes n = check_score_inputs(op, text, image, text_mask, image_mask, alpha, beta);
-  TORCH_CHECK(at::isFloatingType(grad_score.scalar_type()), op, ": grad_score must be floating, got ",
-              grad_score.scalar_type());
-  check_shape(op, "grad_score", grad_score, {n.num_texts, n.num_images}, "[Bt, Bi]");
-  check_on_device(op, "grad_score", grad_score, text.device());
+  maxsim_common::check_grad_score(op, grad_score, n, text.device());
   const c10::cuda::CUDAGuard guard(text.device());
   const at::ScalarType acc_type = accumulation_type(text.scalar_type());
   const at::TensorOptions acc_options = text.options().dtype(acc_type);
