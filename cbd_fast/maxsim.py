@@ -107,10 +107,16 @@ def token_coefficients(weight: torch.Tensor, mask: torch.Tensor, reduction: str,
     logits = weight.to(dtype).masked_fill(~mask, float("-inf"))
     # A row without valid tokens would be softmax of all -inf (NaN): give it finite logits, then zero it.
     logits = torch.where(mask.any(-1, keepdim=True), logits, 0.0)
+    if logits.shape[-1] == 0:  # no tokens at all: nothing to weight (amax over an empty dimension is an error)
+        return mask_f
     # The softmax written out (the shift is a constant to autograd): torch.softmax's CPU backward changes its last
-    # bits with the thread count, and the C++ backend's gradients are bit-identical for any thread count.
-    weights = torch.exp(logits - logits.amax(-1, keepdim=True).detach())
-    return weights / weights.sum(-1, keepdim=True) * mask_f
+    # bits with the thread count, and the C++ backend's gradients are bit-identical for any thread count. The
+    # normaliser is a left-to-right sum (the last entry of a cumulative sum) so that padding a row with invalid
+    # tokens (exact zeros at its end) leaves it bit-identical: a vectorised sum's order depends on the row length,
+    # and the evaluation scores captions in blocks trimmed to their longest member.
+    weights = torch.exp(logits - logits.amax(-1, keepdim=True).detach()) * mask_f
+    normaliser = torch.where(mask.any(-1, keepdim=True), weights.cumsum(-1)[..., -1:], 1.0)  # empty rows: 0 / 1
+    return weights / normaliser
 
 
 def _zero_invalid_tokens(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ PROLOGUE = """
 import signal, sys, time
 import torch
 import cbd_fast
+assert cbd_fast.has_extension()  # loads the ops (import cbd_fast alone is lazy), for the raw torch.ops.cbd_fast case
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the parent ignores SIGINT
 torch.set_num_threads({threads})
 """
