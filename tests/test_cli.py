@@ -45,7 +45,7 @@ def test_help_answers_without_torch_and_print_config_resolves(tmp_path):
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert (printed["name"], printed["train"]["epochs"], printed["method_args"]["banzhaf"]) == ("n", 3, 0.5)
-    assert printed["train"]["lr"] == 2.0e-3 and printed["threads"] == 1  # configs/default.yaml's values
+    assert printed["train"]["lr"] == 5.0e-4 and printed["threads"] == 1  # configs/default.yaml's values
     assert printed["method"] == "cbd" and printed["method_args"]["banzhaf_samples"] == 64  # the method's default
 
 

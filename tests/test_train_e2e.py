@@ -109,7 +109,7 @@ def test_train_outputs_and_exact_resume(tmp_path, capsys):
     # under another config the run cannot be resumed: the message lists what differs
     assert _run(tmp_path, "interrupted", ["--resume", "train.lr=0.01", "data.num_tasks=3"]) == 2
     error = capsys.readouterr().err
-    assert "another config" in error and "data.num_tasks: 2 -> 3; train.lr: 0.002 -> 0.01" in error
+    assert "another config" in error and "data.num_tasks: 2 -> 3; train.lr: 0.0005 -> 0.01" in error
     stale = tmp_path / "runs" / "interrupted" / "checkpoints" / ".last.pt.k1ll3d.tmp"  # from a killed write
     stale.write_bytes(b"partial")
     assert _run(tmp_path, "interrupted", ["--resume"]) == 0

@@ -189,7 +189,7 @@ def test_defaults_are_those_of_default_yaml():
     # one source of defaults: a user's config file is merged over configs/default.yaml
     assert config_lib.DEFAULTS == config_lib.builtin_config("default")
     cfg = config_lib.resolve({"train": {"epochs": 2}})
-    assert cfg["train"]["lr"] == 2.0e-3 and cfg["train"]["replay"]["strategy"] == "none" and cfg["threads"] == 1
+    assert cfg["train"]["lr"] == 5.0e-4 and cfg["train"]["replay"]["strategy"] == "none" and cfg["threads"] == 1
     # every key of the run sections has a rule, and every rule a default
     strict = {k: v for k, v in config_lib.DEFAULTS.items() if k not in ("model", "data")}
     assert set(config_lib.leaf_keys(strict)) == set(config_lib.RULES)
@@ -250,4 +250,4 @@ def test_run_fingerprint_and_differences():
     assert config_lib.fingerprint(base) == config_lib.fingerprint(moved) and not config_lib.differences(base, moved)
     changed = config_lib.resolve(None, ["train.lr=0.01", "data.num_tasks=5"])
     assert config_lib.fingerprint(base) != config_lib.fingerprint(changed)
-    assert config_lib.differences(base, changed) == ["data.num_tasks: 3 -> 5", "train.lr: 0.002 -> 0.01"]
+    assert config_lib.differences(base, changed) == ["data.num_tasks: 3 -> 5", "train.lr: 0.0005 -> 0.01"]
