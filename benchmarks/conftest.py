@@ -154,6 +154,7 @@ def _eval_summary(info: dict, metrics: dict) -> list[str]:
     ]
 
 
+@pytest.fixture
 def benchmark_enabled(request) -> bool:
     return not request.config.getoption("benchmark_disable")
 

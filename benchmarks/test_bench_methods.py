@@ -116,7 +116,10 @@ GALLERY = 250  # captions and images; 24 in the --benchmark-disable smoke run
 @pytest.mark.benchmark(group=f"DIME evaluation: {GALLERY} x {GALLERY} gallery, top-16 re-ranking")
 @pytest.mark.parametrize("variant", ["maxsim", "maxsim + dime re-ranking"])
 def test_dime_reranking_cost(benchmark, variant, methods_record, tmp_path):
-    from cbd_fast.eval.evaluate import gallery_scores
+    from cbd_fast.eval.evaluate import score_blocks
+
+    def gallery_scores(text, image):
+        return score_blocks(iter([(torch.arange(text.tokens.shape[0]), text)]), image, text.tokens.shape[0])
 
     trainer, _ = _task_two_trainer("dime", tmp_path)
     size = 24 if benchmark.disabled else GALLERY

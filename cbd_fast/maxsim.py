@@ -82,7 +82,8 @@ def maxsim(text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor | No
                       f"D <= {GPU_MAX_DIM}, got T={text_len}, V={image_len}, D={dim}")
         chosen = within_kernel_limits(chosen, backend, "maxsim", reason)
     if chosen in ("cpu", "triton", "cuda"):
-        text, image = _zero_invalid_tokens(text, text_mask), _zero_invalid_tokens(image, image_mask)
+        if chosen != "cpu":  # the C++ kernels never read an invalid token's features; the GPU tiles multiply them
+            text, image = _zero_invalid_tokens(text, text_mask), _zero_invalid_tokens(image, image_mask)
         dtype = result_dtype(text.dtype)
         # The coefficients (softmax of the logits for "wti") stay in autograd's hands; the kernels take them as
         # given and return their gradients.
