@@ -131,13 +131,8 @@ def _write_methods_summary(terminalreporter, config) -> None:
         for name, row in results["dime_eval"].items():
             lines.append(f"| {name} | {row['gallery']} × {row['gallery']} | {row['pairs']} | "
                          f"{_format_time(row['cpu_s'])} | {_format_time(row['wall_s'])} |")
-    terminalreporter.write_sep("=", "training methods CPU benchmark summary")
-    for line in lines:
-        terminalreporter.write_line(line)
-    path = Path(__file__).parent / "results" / "cpu_methods.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    terminalreporter.write_line(f"written to {path}")
+    _publish(terminalreporter, "training methods CPU benchmark summary",
+             Path(__file__).parent / "results" / "cpu_methods.md", lines)
 
 
 def _eval_summary(info: dict, metrics: dict) -> list[str]:
@@ -397,28 +392,28 @@ def _write_gpu_summary(terminalreporter, config) -> None:
                   *_gpu_banzhaf_summary(results["banzhaf"]), ""]
     if "maxsim" in results:
         lines += ["## MaxSim (`maxsim`, wti)", "", *_gpu_maxsim_summary(results["maxsim"]), ""]
-    terminalreporter.write_sep("=", f"GPU benchmark summary ({device})")
-    for line in lines:
-        terminalreporter.write_line(line)
-    path = Path(__file__).parent / "results" / f"gpu_{device.replace(' ', '_').lower()}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    terminalreporter.write_line(f"written to {path}")
+    _publish(terminalreporter, f"GPU benchmark summary ({device})",
+             Path(__file__).parent / "results" / f"gpu_{device.replace(' ', '_').lower()}.md", lines)
 
 
 def _write_eval_summary(terminalreporter, config) -> None:
     results = config.stash.get(EVAL_KEY, {})
     if not results:
         return
-    lines = _eval_summary(results["info"], results["metrics"])
-    terminalreporter.write_sep("=", "evaluation CPU benchmark summary")
-    for line in lines:
-        terminalreporter.write_line(line)
     header = ["# CPU benchmark: retrieval evaluation at COCO 5k test size (25k captions × 5k images, vit_b32 token "
               "features: D=512, V=50; benchmarks/test_bench_eval.py)", "", *_machine_info(config), ""]
-    EVAL_FILE.parent.mkdir(parents=True, exist_ok=True)
-    EVAL_FILE.write_text("\n".join([*header, *lines, ""]), encoding="utf-8")
-    terminalreporter.write_line(f"written to {EVAL_FILE}")
+    _publish(terminalreporter, "evaluation CPU benchmark summary", EVAL_FILE,
+             _eval_summary(results["info"], results["metrics"]), header)
+
+
+def _publish(terminalreporter, title: str, path: Path, lines: list[str], header: list[str] | tuple = ()) -> None:
+    """Print ``lines`` under ``title`` and write ``header`` + ``lines`` to ``path``."""
+    terminalreporter.write_sep("=", title)
+    for line in lines:
+        terminalreporter.write_line(line)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([*header, *lines, ""]), encoding="utf-8")
+    terminalreporter.write_line(f"written to {path}")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -427,23 +422,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _write_eval_summary(terminalreporter, config)
     maxsim_results = config.stash.get(MAXSIM_KEY, {})
     if maxsim_results:
-        lines = _maxsim_summary(maxsim_results)
-        terminalreporter.write_sep("=", "MaxSim CPU benchmark summary (medians)")
-        for line in lines:
-            terminalreporter.write_line(line)
         header = ["# CPU benchmark: cbd_fast.maxsim (fp32, wti; batch: forward+backward Bt=Bi=64, T=32, V=50, D=256; "
                   "gallery: forward Bt=Bi=256, T=77, V=50, D=512)", "", *_machine_info(config), ""]
-        MAXSIM_FILE.parent.mkdir(parents=True, exist_ok=True)
-        MAXSIM_FILE.write_text("\n".join([*header, *lines, ""]), encoding="utf-8")
-        terminalreporter.write_line(f"written to {MAXSIM_FILE}")
+        _publish(terminalreporter, "MaxSim CPU benchmark summary (medians)", MAXSIM_FILE,
+                 _maxsim_summary(maxsim_results), header)
     results = config.stash.get(RESULTS_KEY, {})
     if not results:
         return
-    lines = _summary(results, config.stash.get(INSTRUCTIONS_KEY, None))
-    terminalreporter.write_sep("=", "Banzhaf CPU benchmark summary (medians)")
-    for line in lines:
-        terminalreporter.write_line(line)
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     header = ["# CPU benchmark: cbd_fast.banzhaf_interaction (paired, fp32)", "", *_machine_info(config), ""]
-    RESULTS_FILE.write_text("\n".join([*header, *lines, ""]), encoding="utf-8")
-    terminalreporter.write_line(f"written to {RESULTS_FILE}")
+    _publish(terminalreporter, "Banzhaf CPU benchmark summary (medians)", RESULTS_FILE,
+             _summary(results, config.stash.get(INSTRUCTIONS_KEY, None)), header)
