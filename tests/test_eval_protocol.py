@@ -192,6 +192,34 @@ def test_cbd_report_names_what_differs_between_groups_with_one_name(tmp_path, ca
     assert "cbd [train.lr=0.001]" in markdown and "cbd [train.lr=0.002]" in markdown
 
 
+def test_cbd_report_pairs_each_method_with_the_baseline_seed_by_seed(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in range(4):
+        _fake_run(runs, f"finetune_s{seed}", seed, 1e-3, [[0, 0], [40, 5], [30, 50]])  # Avg 55, F 10
+    # cbd's final average is 55 + d on the seed with d = 2, 4, 6, 4 (task 2's final score 50 + 2d); same forgetting
+    for seed, d in enumerate((2, 4, 6, 4)):
+        _fake_run(runs, f"cbd_s{seed}", seed, 2e-3, [[0, 0], [40, 5], [30, 50 + 2 * d]])
+    _fake_run(runs, "cbd_s9", 9, 2e-3, [[0, 0], [40, 5], [30, 90]])  # no finetune run with seed 9: not paired
+
+    def paired_row(paths):
+        assert compare.main([*map(str, paths), "--out", str(tmp_path / "r")]) == 0
+        markdown = capsys.readouterr().out
+        assert "Paired against `finetune`" in markdown
+        # the paired table's row: its third column is a bare count (the main table lists the seeds)
+        return next(line for line in markdown.splitlines() if line.startswith("| synthetic (2 tasks) | cbd |")
+                    and line.split("|")[3].strip().isdigit())
+
+    three = sorted(runs.glob("*_s[0-2]")) + [runs / "cbd_s9"]
+    # d = 2, 4, 6: mean 4, std 2, 95 % CI 4.303 * 2 / sqrt(3) = 4.97 > 4: within seed noise; ΔF = 0 exactly
+    assert paired_row(three) == "| synthetic (2 tasks) | cbd | 3 | +4.0 ± 5.0 | no | +0.0 ± 0.0 | no |"
+    # one more seed (d = 4): std 1.63, CI 3.182 * 1.63 / 2 = 2.60 < 4: beyond seed noise
+    assert paired_row(sorted(runs.iterdir())) == "| synthetic (2 tasks) | cbd | 4 | +4.0 ± 2.6 | yes | +0.0 ± 0.0 | no |"
+    assert compare.main([*map(str, three), "--out", str(tmp_path / "r"), "--baseline", "er"]) == 2
+    assert "--baseline 'er' is not a group; groups: " in capsys.readouterr().err
+    assert compare.main([*map(str, three), "--out", str(tmp_path / "r"), "--baseline", "none"]) == 0
+    assert "Paired against" not in capsys.readouterr().out
+
+
 def test_cbd_report_without_finished_runs(tmp_path, capsys):
     _fake_run(tmp_path, "cbd_s0", 0, 1e-3, [[0, 0]])
     assert compare.main([str(tmp_path / "cbd_s0"), "--out", str(tmp_path / "r")]) == 1

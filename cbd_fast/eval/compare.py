@@ -9,6 +9,11 @@ also draws the synthetic data). Groups are labelled by scenario and by the run n
 suffix. Unfinished runs, folders without a ``metrics.json`` and runs evaluated under an older protocol are listed
 in a note and left out. Writes ``report.md``, ``report.csv``, ``report.tex`` and ``stability_plasticity.png``
 (final average against forgetting, one small point per run, one point per group with ± std error bars).
+
+With a baseline group (``--baseline finetune``, the default when such a group exists) ``report.md`` also compares
+every other group of the scenario with it seed by seed: runs with the same seed see the same synthetic data, so
+the per-seed differences are far less noisy than the two groups' spreads suggest. A difference is called beyond
+seed noise when its 95 % confidence interval (Student's t over the paired seeds) excludes 0.
 """
 from __future__ import annotations
 
@@ -205,7 +210,78 @@ def legend(report: Report) -> list[str]:
             "cum. Avg = final average in the cumulative gallery.", TIMING_NOTE]
 
 
-def to_markdown(report: Report) -> str:
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (1..20); beyond 20 the value at 20 (conservative).
+T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086)
+# (summary, column title) of the paired comparison
+PAIRED_COLUMNS = (("final_average", "Δ Avg"), ("forgetting", "Δ F"))
+
+
+@dataclass
+class PairedDifference:
+    """``group`` minus the baseline on the seeds both ran: per-seed differences, their mean and 95 % interval."""
+    differences: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.differences)
+
+    @property
+    def half_width(self) -> float | None:
+        n = len(self.differences)
+        if n < 2:
+            return None
+        return T_95[min(n - 1, len(T_95)) - 1] * statistics.stdev(self.differences) / n ** 0.5
+
+    @property
+    def beyond_noise(self) -> bool | None:
+        return None if self.half_width is None else abs(self.mean) > self.half_width
+
+
+def paired_differences(report: Report, baseline: str) -> list[tuple[Group, list[PairedDifference | None]]]:
+    """Every group of a scenario that has a ``baseline`` group, against it, on their common seeds."""
+    bases = {g.scenario: g for g in report.groups if g.method == baseline}
+    rows = []
+    for group in report.groups:
+        base = bases.get(group.scenario)
+        if base is None or group is base:
+            continue
+        by_seed = {run.seed: run for run in base.runs}
+        pairs = [(run, by_seed[run.seed]) for run in group.runs if run.seed in by_seed]
+        cells = []
+        for summary, _ in PAIRED_COLUMNS:
+            values = [(a.value("per_task", summary, report.metric), b.value("per_task", summary, report.metric))
+                      for a, b in pairs]
+            differences = [a - b for a, b in values if a is not None and b is not None]
+            cells.append(PairedDifference(differences) if differences else None)
+        rows.append((group, cells))
+    return rows
+
+
+def paired_markdown(report: Report, baseline: str) -> list[str]:
+    rows = paired_differences(report, baseline)
+    if not rows:
+        return []
+    header = ["scenario", "method", "paired seeds"]
+    for _, title in PAIRED_COLUMNS:
+        header += [f"{title} (95 % CI)", "beyond noise"]
+    lines = [f"Paired against `{baseline}` ({report.metric}): each method minus `{baseline}` on the same seed, "
+             "mean and 95 % confidence interval over the seeds both ran (Student's t); *beyond noise* = the "
+             "interval excludes 0.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group, cells in rows:
+        row = [group.scenario, group.method, str(max((len(c.differences) for c in cells if c), default=0))]
+        for cell in cells:
+            if cell is None:
+                row += ["n/a", "n/a"]
+            elif cell.half_width is None:
+                row += [f"{cell.mean:+.1f}", "n/a (1 seed)"]
+            else:
+                row += [f"{cell.mean:+.1f} ± {cell.half_width:.1f}", "yes" if cell.beyond_noise else "no"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def to_markdown(report: Report, baseline: str | None = None) -> str:
     header = ["scenario", "method", "seeds", *report.headers]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, row in zip(report.groups, report.cells):
@@ -213,6 +289,9 @@ def to_markdown(report: Report) -> str:
         lines.append("| " + " | ".join([group.scenario, group.method, _seeds(group), *cells]) + " |")
     for paragraph in legend(report):
         lines += ["", paragraph]
+    paired = paired_markdown(report, baseline) if baseline else []
+    if paired:
+        lines += ["", *paired]
     if report.notes:
         lines += ["", *(f"- {note}" for note in report.notes)]
     return "\n".join(lines) + "\n"
@@ -286,10 +365,10 @@ def plot_stability_plasticity(report: Report, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: Report, out: pathlib.Path) -> list[pathlib.Path]:
+def write_report(report: Report, out: pathlib.Path, baseline: str | None = None) -> list[pathlib.Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.md", out / "report.csv", out / "report.tex", out / "stability_plasticity.png"]
-    write_file(paths[0], to_markdown(report))
+    write_file(paths[0], to_markdown(report, baseline))
     write_file(paths[1], to_csv(report))
     write_file(paths[2], to_latex(report))
     plot_stability_plasticity(report, paths[3])
@@ -304,13 +383,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for report.md/.csv/.tex and the plot (default: ./report)")
     parser.add_argument("--metric", default="mean_R@1", choices=METRIC_NAMES,
                         help="metric of the table (default: mean_R@1, the mean of both directions' R@1)")
+    parser.add_argument("--baseline", default="finetune",
+                        help="group (method label) the others are compared with seed by seed (default: finetune, "
+                             "when present; 'none' for no paired comparison)")
     args = parser.parse_args(argv)
     report = build_report([p for p in args.runs if p.resolve() != args.out.resolve()], args.metric)
     if not report.groups:
         print("\n".join(["no finished run to report", *report.notes]), file=sys.stderr)
         return 1
-    paths = write_report(report, args.out)
-    print(to_markdown(report), end="")
+    labels = [group.method for group in report.groups]
+    baseline = None if args.baseline == "none" else args.baseline
+    if baseline is not None and baseline not in labels:
+        if args.baseline != parser.get_default("baseline"):
+            print(f"cbd-report: --baseline {baseline!r} is not a group; groups: {', '.join(labels)}", file=sys.stderr)
+            return 2
+        baseline = None  # the default baseline is optional
+    paths = write_report(report, args.out, baseline)
+    print(to_markdown(report, baseline), end="")
     print("written: " + ", ".join(str(p) for p in paths))
     return 0
 
