@@ -57,7 +57,8 @@ class RVLR(Method):
     pair embeddings ``normalize(f^v + f^t)`` (a dual encoder has no fusion CLS); the ITM loss and its hard-negative
     sampling are dropped (no fusion encoder); ``f^v``, ``f^t`` are the backbone's pooled embeddings.
 
-    Distributed training: every term is defined on the global batch (the public code all-gathers the batch).
+    Distributed training: global — the contrastive loss; local — the representation and structure terms, on each
+    rank's share of the batch (the public code all-gathers the batch for them: a known difference of this port).
     """
 
     name = "rvlr"
