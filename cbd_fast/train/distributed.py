@@ -44,7 +44,7 @@ def launch_environment(env: Optional[dict] = None) -> tuple[int, int, int]:
                           f"{', '.join(repr(env.get(name)) for name in names)}") from None
     if not 0 <= rank < world:
         raise ConfigError(f"distributed launch: {names[0]}={rank} is not in [0, {names[1]}={world})")
-    if world > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+    if names[0] == "SLURM_PROCID" and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
         raise ConfigError("distributed launch under SLURM needs MASTER_ADDR and MASTER_PORT in the environment "
                           "(README, Scaling out: the sbatch script sets them), or start the ranks with torchrun")
     return rank, world, local
