@@ -78,7 +78,8 @@ def runs(tmp_path_factory):
     per rank, killed with SIGKILL in task 2 and resumed."""
     tmp_path = tmp_path_factory.mktemp("distributed")
     tensorboard = {"logging": {"tensorboard": True}} if _has_tensorboard() else {}
-    assert train_main(["--config", str(_write_config(tmp_path, "one", dict(TINY, **tensorboard))),
+    saved = dict(TINY["train"], checkpoint_every_steps=1, keep_checkpoints=3)  # keys that do not change the run
+    assert train_main(["--config", str(_write_config(tmp_path, "one", dict(TINY, train=saved, **tensorboard))),
                        "--no-progress"]) == 0
     _finish(_torchrun(tmp_path, "two", TINY), tmp_path, "two")
     _finish(_torchrun(tmp_path, "cbd", CBD), tmp_path, "cbd")
@@ -175,6 +176,21 @@ def test_kill_9_of_the_whole_job_resumes_exactly_with_any_worker_count(runs):
     assert len(kept) == 4 and kept[-1] == "last.pt" and kept[0].startswith("0000"), kept
     final = _run_dir(tmp_path, "cbd") / "checkpoints" / kept[-2]
     assert final.read_bytes() == (_run_dir(tmp_path, "cbd") / "checkpoints" / "last.pt").read_bytes()
+
+
+def test_resume_from_a_kept_checkpoint_file(runs):
+    """One process: --resume PATH continues from a kept step checkpoint (mid-epoch of task 2) into another run
+    folder and ends bitwise where the uninterrupted run ended."""
+    tmp_path, _ = runs
+    kept = sorted((_run_dir(tmp_path, "one") / "checkpoints").glob("0*.pt"))
+    assert [p.name.split("-", 1)[1] for p in kept] == ["task2-epoch1.pt", "task2-epoch2-step2.pt",
+                                                        "task2-epoch2.pt"]  # the newest 3, in the order written
+    config = _write_config(tmp_path, "one_again", dict(TINY, train=dict(TINY["train"], checkpoint_every_steps=1)))
+    assert train_main(["--config", str(config), "--no-progress", "--resume", str(kept[1])]) == 0
+    one, again = _model(tmp_path, "one"), _model(tmp_path, "one_again")
+    assert all(torch.equal(one[k], again[k]) for k in one)
+    assert _metrics(tmp_path, "one")["loss_history"] == _metrics(tmp_path, "one_again")["loss_history"]
+    assert train_main(["--config", str(config), "--no-progress", "--resume", str(tmp_path / "nothing.pt")]) == 2
 
 
 def test_tensorboard_scalars(runs):

@@ -236,6 +236,12 @@ def test_scenario_file_and_data_overrides_merge(tmp_path):
     ("threads=0", "threads", "auto or an integer ≥ 1"),
     ("device=gpu", "device", "auto, cpu, cuda or cuda:N"),
     ("seed=-1", "seed", "an integer ≥ 0"),
+    ("train.accumulate=0", "train.accumulate", "an integer ≥ 1"),
+    ("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps", "an integer ≥ 0"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints", "an integer ≥ 1"),
+    ("data.workers=-2", "data.workers", "an integer ≥ 0"),
+    ("data.workers=two", "data.workers", "an integer ≥ 0"),
+    ("logging.tensorboard=sometimes", "logging.tensorboard", "one of true, false"),
 ])
 def test_config_ranges_are_checked_naming_the_key(override, key, expected):
     with pytest.raises(config_lib.ConfigError, match=re.escape(f"config key '{key}' must be {expected}")):
@@ -249,7 +255,9 @@ def test_batch_size_one_warns():
 
 def test_run_fingerprint_and_differences():
     base = config_lib.resolve(None)
-    moved = config_lib.resolve(None, ["name=elsewhere", "output_dir=/tmp/x", "device=cpu", "threads=2"])
+    moved = config_lib.resolve(None, ["name=elsewhere", "output_dir=/tmp/x", "device=cpu", "threads=2",
+                                      "data.workers=4", "train.checkpoint_every_steps=100",
+                                      "train.keep_checkpoints=5", "logging.tensorboard=true"])
     assert config_lib.fingerprint(base) == config_lib.fingerprint(moved) and not config_lib.differences(base, moved)
     changed = config_lib.resolve(None, ["train.lr=0.01", "data.num_tasks=5"])
     assert config_lib.fingerprint(base) != config_lib.fingerprint(changed)

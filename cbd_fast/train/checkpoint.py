@@ -99,7 +99,7 @@ def keep_history(last: pathlib.Path, name: str, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-_HISTORY = re.compile(r"\d{6,}-task\d+-epoch\d+-step\d+\.pt")
+_HISTORY = re.compile(r"\d{6,}-task\d+-epoch\d+(-step\d+)?\.pt")
 
 
 def _payload_digest(stream: BinaryIO) -> bytes:

@@ -424,8 +424,13 @@ class Trainer:
         checkpoint.save_atomic(state, self.checkpoint_path)
         keep = self.train_cfg["keep_checkpoints"]
         if keep > 1:
-            name = f"{self.checkpoints_written:06d}-task{self.next_task + 1}-epoch{self.next_epoch}-step{self.next_step}"
-            checkpoint.keep_history(self.checkpoint_path, name, keep)
+            if self.next_step:  # steps done in the epoch
+                done = f"task{self.next_task + 1}-epoch{self.next_epoch + 1}-step{self.next_step}"
+            elif self.next_epoch:
+                done = f"task{self.next_task + 1}-epoch{self.next_epoch}"
+            else:
+                done = f"task{self.next_task}-epoch{self.train_cfg['epochs']}"
+            checkpoint.keep_history(self.checkpoint_path, f"{self.checkpoints_written:06d}-{done}", keep)
 
     def resume(self, path: str | pathlib.Path | None = None) -> bool:
         """Restore from ``path`` (default: this run's last checkpoint). Returns False when there is none.
