@@ -89,15 +89,22 @@ class Outputs:
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The local-loss form of the global score matrix: ``(text_rows[n,N], image_rows[n,N], offset)`` —
         this rank's captions against every image, this rank's images against every caption, and the column of
-        local row 0's matched pair. The first call gathers every rank's token features (with gradient where they
-        have one), so every rank must call it at the same point. Single process: ``(scores, scores.t(), 0)``."""
+        local row 0's matched pair. Single process: ``(scores, scores.t(), 0)``.
+
+        Each rank scores its captions against every rank's images (gathered with their gradient) and the ranks'
+        score rows are gathered (with gradient) into the ``[N, N]`` matrix, whose columns give the image rows: the
+        MaxSim work of the global matrix is done once, split over the ranks, and caption tokens never travel. The
+        first call communicates, so every rank must call it at the same point of the step."""
         if not self.distributed:
             return self.scores, self.scores.t(), 0
         if self._rows is None:
-            sizes, dist = self.shard_sizes, self.dist
-            text, image = (TokenFeatures(dist.gather(f.tokens, sizes), dist.gather(f.mask, sizes, grad=False),
-                                         dist.gather(f.weight, sizes), f.pooled) for f in (self.text, self.image))
-            self._rows = (pair_scores(self.text, image), pair_scores(text, self.image).t(), sum(sizes[:dist.rank]))
+            sizes, dist, image = self.shard_sizes, self.dist, self.image
+            offset = sum(sizes[:dist.rank])
+            images = TokenFeatures(dist.gather(image.tokens, sizes), dist.gather(image.mask, sizes, grad=False),
+                                   dist.gather(image.weight, sizes), image.pooled)
+            text_rows = pair_scores(self.text, images)  # [n, N]
+            matrix = dist.gather(text_rows, sizes)  # [N, N]: every caption against every image
+            self._rows = (text_rows, matrix[:, offset:offset + sizes[dist.rank]].t(), offset)
         return self._rows
 
 
