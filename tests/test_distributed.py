@@ -138,24 +138,25 @@ def _position(path):
 
 def test_two_processes_train_as_one_process_with_the_same_global_batch(runs):
     """Not bitwise: two processes sum the same terms in another order — each rank's loss is the mean over its rows
-    weighted by its share, the scores of the global batch are computed in [6 x 12] blocks instead of one [12 x 12]
-    matrix, and the ranks' gradients are added by an all-reduce — so the losses agree to float32 rounding (1e-7
-    here; 1e-5 relative is asserted). AdamW moves every parameter by about lr per step whatever the size of its
-    gradient, so a gradient entry near zero whose sign the rounding flips moves its parameter by up to 2·lr = 1e-3:
-    the parameters agree to 1e-3 (1.4e-4 measured). A wrong share, or a gather without the gradient of the other
-    ranks' rows, changes the losses from the first optimizer step on by far more than 1e-5."""
+    weighted by its share, the score matrix of the global batch is computed in two [6 x 12] row blocks instead of
+    one [12 x 12] matrix, and the ranks' gradients are added by an all-reduce — so the losses agree to float32
+    rounding, amplified a little over 8 optimizer steps (7.5e-6 relative measured; 1e-4 asserted). AdamW moves
+    every parameter by about lr per step whatever the size of its gradient, so a gradient entry near zero whose
+    sign the rounding flips moves its parameter by up to 2·lr = 1e-3 per step: the parameters agree to 2e-3
+    (4.5e-4 measured). A wrong share (the logged losses are the share-weighted sums) or a gather without the
+    gradient of the other ranks' rows changes the losses by far more than 1e-4."""
     tmp_path, _ = runs
     one, two = _model(tmp_path, "one"), _model(tmp_path, "two")
     assert one.keys() == two.keys()
     worst = max(float((one[k].float() - two[k].float()).abs().max()) for k in one)
-    assert worst < 1e-3, worst
+    assert worst < 2e-3, worst
     assert any(not torch.equal(one[k], two[k]) for k in one)  # two processes really ran their own sums
     history_one, history_two = (_metrics(tmp_path, n)["loss_history"] for n in ("one", "two"))
     assert len(history_one) == len(history_two) == 4
     for a, b in zip(history_one, history_two):
         assert a.keys() == b.keys() and "lwf" in history_one[-1]
         for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert _metrics(tmp_path, "one")["galleries"] == _metrics(tmp_path, "two")["galleries"]
 
 
