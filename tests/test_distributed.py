@@ -245,3 +245,15 @@ def test_loader_batches_do_not_depend_on_the_number_of_workers():
     for a, b in zip(serial, parallel, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
         assert a["replay"].tolist() == [False] * 4 + [True] * 2
+
+
+def test_nproc_starts_torchrun_on_the_same_command(monkeypatch):
+    import cbd_fast.cli as cli
+
+    started = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr("subprocess.call", lambda command: started.append(command) or 0)
+    assert train_main(["--nproc", "2", "train.epochs=1", "--name", "x", "--resume"]) == 0
+    assert started == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "cbd_fast.cli", "train.epochs=1", "--name", "x", "--resume"]]
+    assert train_main(["--nproc=0"]) == cli.EXIT_INPUT_ERROR and len(started) == 1
