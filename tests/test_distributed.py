@@ -2,6 +2,7 @@
 same global batch, exact resume after kill -9 of the whole job, and batches that do not depend on the number of
 DataLoader workers; plus the pieces (sharding, gathering with gradient) in one process."""
 import json
+import logging
 import math
 import os
 import pathlib
@@ -192,6 +193,26 @@ def test_resume_from_a_kept_checkpoint_file(runs):
     assert all(torch.equal(one[k], again[k]) for k in one)
     assert _metrics(tmp_path, "one")["loss_history"] == _metrics(tmp_path, "one_again")["loss_history"]
     assert train_main(["--config", str(config), "--no-progress", "--resume", str(tmp_path / "nothing.pt")]) == 2
+
+
+def test_resume_with_another_number_of_processes(runs):
+    """A checkpoint of the 2-process run, resumed in 1 process: allowed, with a warning that the result is not
+    bit-identical; the run finishes the same training (same global batches)."""
+    tmp_path, _ = runs
+    kept = sorted((_run_dir(tmp_path, "cbd") / "checkpoints").glob("0*.pt"))
+    config = _write_config(tmp_path, "cbd_one_process", CBD)
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("cbd_fast.train").addHandler(handler)
+    try:
+        assert train_main(["--config", str(config), "--no-progress", "--resume", str(kept[0])]) == 0
+    finally:
+        logging.getLogger("cbd_fast.train").removeHandler(handler)
+    assert any("resuming a run of 2 process(es) with 1" in message for message in warnings), warnings
+    resumed, reference = _metrics(tmp_path, "cbd_one_process"), _metrics(tmp_path, "cbd")
+    assert resumed["tasks_trained"] == 2
+    assert resumed["loss_history"][:3] == reference["loss_history"][:3]  # the epochs done before the resume
 
 
 def test_tensorboard_scalars(runs):

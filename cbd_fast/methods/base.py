@@ -12,7 +12,7 @@ A batch (from ``Trainer._batches``) is a dict: ``images[B,3,S,S]``, ``ids[B,L]``
 drawn from the replay buffer, always after the current task's rows). In a distributed run it is the rank's share of
 the global batch and also holds ``shard_sizes`` (every rank's row count, in rank order).
 
-Distributed runs (DESIGN §6.1): a loss term is either *global* — defined on the global batch, computed by each
+Distributed runs (DESIGN §6.2): a loss term is either *global* — defined on the global batch, computed by each
 rank for its own rows against every rank's features (:meth:`Outputs.rows`, :func:`global_contrastive`,
 :func:`global_sample_distillation`) — or *local* — per pair or per rank's shard, computed on the rank's rows only.
 Each method's docstring says which of its terms are which. The loop weights every rank's total by its share of the

@@ -16,7 +16,7 @@ def modx_distillation_loss(scores_new: torch.Tensor, scores_old: torch.Tensor, t
     index); the other rows are the old model's misalignments and are left out. Summed over rows, not averaged;
     the mean of the two directions.
 
-    Local-loss form (DESIGN §6.1): caption rows ``scores_*[n,N]`` and image rows ``image_rows_*[n,N]`` of a rank's
+    Local-loss form (DESIGN §6.2): caption rows ``scores_*[n,N]`` and image rows ``image_rows_*[n,N]`` of a rank's
     share of a global batch, matched pair of row i in column ``offset + i``; summed over those rows."""
     def one_direction(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         keep = old.argmax(-1) == torch.arange(offset, offset + old.shape[0], device=old.device)

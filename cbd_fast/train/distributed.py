@@ -6,7 +6,7 @@ A run is distributed when it is started by ``torchrun`` (which sets ``RANK``, ``
 ``SLURM_LOCALID``; ``MASTER_ADDR`` and ``MASTER_PORT`` come from the job script). Every rank builds the same model
 from the same seed and applies the same averaged gradients, so the parameters stay bitwise identical on all ranks.
 
-Loss semantics (DESIGN §6.1): each rank computes its loss terms in the *local-loss* form of open_clip — the rows of
+Loss semantics (DESIGN §6.2): each rank computes its loss terms in the *local-loss* form of open_clip — the rows of
 the global-batch terms that belong to its samples, against the features of every rank's samples gathered with
 their gradient — and weights its total by its share ``n_r / N`` of the global batch; gradients are then summed
 over ranks. The sum of the ranks' weighted losses is the single-process loss on the global batch.

@@ -222,7 +222,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             terms = self._losses(batch, task_index, step_seed)
         share = 1.0
-        if self.dist.enabled:  # this rank's part of the global batch's loss (DESIGN §6.1)
+        if self.dist.enabled:  # this rank's part of the global batch's loss (DESIGN §6.2)
             share = batch["images"].shape[0] / sum(batch["shard_sizes"])
             names = list(terms.parts)
             local = torch.tensor([terms.total.item(), *terms.parts.values()], dtype=torch.float64) * share
@@ -360,7 +360,7 @@ class Trainer:
             self._log_evaluation(len(self.results) - 1)
 
     def _log_evaluation(self, tasks_trained: int) -> None:
-        """TensorBoard: every metric of every task seen so far, per gallery, at the run's optimizer step."""
+        """TensorBoard: every metric of every task, per gallery, at the run's optimizer step."""
         if self.tensorboard is None:
             return
         for gallery, rows in self.results[tasks_trained].items():

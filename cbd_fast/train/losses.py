@@ -16,7 +16,7 @@ def contrastive_loss(scores: torch.Tensor, logit_scale: torch.Tensor, image_rows
                      offset: int = 0) -> torch.Tensor:
     """Symmetric InfoNCE on the fine-grained scores. scores[B,B] -> scalar.
 
-    Local-loss form (a rank's rows of a global batch of N, DESIGN §6.1): ``scores[n,N]`` (the rank's captions
+    Local-loss form (a rank's rows of a global batch of N, DESIGN §6.2): ``scores[n,N]`` (the rank's captions
     against every image), ``image_rows[n,N]`` (its images against every caption), matched pair of row i in
     column ``offset + i``; the result is the mean over the rank's rows."""
     if image_rows is None:
@@ -42,7 +42,7 @@ def sample_distillation_loss(scores_new: torch.Tensor, scores_old: torch.Tensor,
                              image_rows_old: torch.Tensor | None = None) -> torch.Tensor:
     """KL from the old to the new row-softmax of the score matrix, text→image and image→text. scores[B,B].
 
-    Local-loss form (DESIGN §6.1): caption rows ``scores_*[n,N]`` and image rows ``image_rows_*[n,N]`` of a rank's
+    Local-loss form (DESIGN §6.2): caption rows ``scores_*[n,N]`` and image rows ``image_rows_*[n,N]`` of a rank's
     share of a global batch; the mean over those rows."""
     valid = torch.ones_like(scores_new, dtype=torch.bool)
     new, old = scores_new / temperature, scores_old.detach() / temperature
