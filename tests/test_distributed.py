@@ -244,10 +244,12 @@ def test_shards_cover_the_batch_in_order():
 def test_launch_environment():
     assert launch_environment({}) == (0, 1, 0)
     assert launch_environment({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (1, 4, 1)
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}
     with pytest.raises(cbd_fast.config.ConfigError, match="MASTER_ADDR and MASTER_PORT"):
         launch_environment(slurm)
     assert launch_environment(dict(slurm, MASTER_ADDR="node1", MASTER_PORT="29500")) == (5, 8, 1)
+    # the batch script of an 8-task allocation is one process, not rank 0 of 8
+    assert launch_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0"}) == (0, 1, 0)
     with pytest.raises(cbd_fast.config.ConfigError, match="RANK=4 is not in"):
         launch_environment({"RANK": "4", "WORLD_SIZE": "4"})
 

@@ -2,8 +2,8 @@
 averaging, and the few broadcasts a run needs.
 
 A run is distributed when it is started by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``) or by ``srun`` with one task per device (``SLURM_PROCID``, ``SLURM_NTASKS``,
-``SLURM_LOCALID``; ``MASTER_ADDR`` and ``MASTER_PORT`` come from the job script). Every rank builds the same model
+``MASTER_ADDR``, ``MASTER_PORT``) or by ``srun`` with one task per device (``SLURM_PROCID``,
+``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``; ``MASTER_ADDR`` and ``MASTER_PORT`` come from the job script). Every rank builds the same model
 from the same seed and applies the same averaged gradients, so the parameters stay bitwise identical on all ranks.
 
 Loss semantics (DESIGN §6.2): each rank computes its loss terms in the *local-loss* form of open_clip — the rows of
@@ -33,8 +33,10 @@ def launch_environment(env: Optional[dict] = None) -> tuple[int, int, int]:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    elif "SLURM_PROCID" in env and env.get("SLURM_STEP_NUM_TASKS", "1") != "1":
+        # a task of an srun step (the batch script itself has no SLURM_STEP_NUM_TASKS, so a cbd-train started
+        # there, or by torchrun there, is not mistaken for one rank of many)
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
     else:
         return 0, 1, 0
     try:
