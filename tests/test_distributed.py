@@ -82,7 +82,11 @@ def runs(tmp_path_factory):
     saved = dict(TINY["train"], checkpoint_every_steps=1, keep_checkpoints=3)  # keys that do not change the run
     assert train_main(["--config", str(_write_config(tmp_path, "one", dict(TINY, train=saved, **tensorboard))),
                        "--no-progress"]) == 0
-    _finish(_torchrun(tmp_path, "two", TINY), tmp_path, "two")
+    two = _torchrun(tmp_path, "two", TINY)
+    rvlr = dict(TINY, method="rvlr", method_args={})  # every term global, relations over the global batch
+    assert train_main(["--config", str(_write_config(tmp_path, "rvlr_one", rvlr)), "--no-progress"]) == 0
+    _finish(two, tmp_path, "two")
+    _finish(_torchrun(tmp_path, "rvlr_two", rvlr), tmp_path, "rvlr_two")
     _finish(_torchrun(tmp_path, "cbd", CBD), tmp_path, "cbd")
 
     killed = dict(CBD, data=dict(CBD["data"], workers=2))
@@ -159,6 +163,18 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(runs):
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert _metrics(tmp_path, "one")["galleries"] == _metrics(tmp_path, "two")["galleries"]
+
+
+def test_two_processes_train_rvlr_as_one_process(runs):
+    """RVLR's representation and relation terms on the global batch (same tolerances and reasons as above)."""
+    tmp_path, _ = runs
+    one, two = _model(tmp_path, "rvlr_one"), _model(tmp_path, "rvlr_two")
+    assert max(float((one[k].float() - two[k].float()).abs().max()) for k in one) < 2e-3
+    history_one, history_two = (_metrics(tmp_path, n)["loss_history"] for n in ("rvlr_one", "rvlr_two"))
+    assert {"iic", "ttc", "kd", "kdi", "kdt"} <= set(history_one[-1])
+    for a, b in zip(history_one, history_two, strict=True):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 def test_kill_9_of_the_whole_job_resumes_exactly_with_any_worker_count(runs):

@@ -149,6 +149,23 @@ def global_sample_distillation(new: Outputs, old: Outputs, temperature: float) -
                                     image_old.float())
 
 
+def global_rows(x: torch.Tensor, batch, dist) -> tuple[torch.Tensor, int]:
+    """``(x_all[N, ...], offset)``: every rank's rows of ``x[n, ...]`` in rank order, gathered with their gradient,
+    and where this rank's rows start; ``(x, 0)`` in a single process."""
+    if dist is None or not dist.enabled or "shard_sizes" not in batch:
+        return x, 0
+    sizes = batch["shard_sizes"]
+    return dist.gather(x, sizes), sum(sizes[:dist.rank])
+
+
+def global_same_sample(batch, dist) -> torch.Tensor:
+    """``[n, N]`` bool on the device: this rank's row i and global row j are the same training sample
+    (:func:`same_sample` against the whole global batch)."""
+    key = (batch["task"] * (1 << 40) + batch["index"]).to(batch["images"].device)
+    every, _ = global_rows(key, batch, dist)
+    return key[:, None] == every[None, :]
+
+
 def same_sample(batch) -> torch.Tensor:
     """``[B,B]`` bool on the device: rows i and j are the same training sample (a replay draw may repeat one)."""
     key = batch["task"] * (1 << 40) + batch["index"]
