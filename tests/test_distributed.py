@@ -296,3 +296,34 @@ def test_nproc_starts_torchrun_on_the_same_command(monkeypatch):
     assert started == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "cbd_fast.cli", "train.epochs=1", "--name", "x", "--resume"]]
     assert train_main(["--nproc=0"]) == cli.EXIT_INPUT_ERROR and len(started) == 1
+
+
+def test_decoding_and_augmentation_in_workers_do_not_depend_on_the_number_of_workers(tmp_path):
+    """JPEG files decoded and augmented (random resized crop, flip) in 2 worker processes: the batches are bitwise
+    those built in the training process, and the augmentation does change with the epoch."""
+    import numpy as np
+    from PIL import Image
+
+    from cbd_fast.data import build_tasks
+    from cbd_fast.model.tokenizer import ClipTokenizer
+
+    rng = np.random.default_rng(0)
+    images = []
+    for k in range(14):
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / f"{k}.jpg")
+        images.append({"filename": f"{k}.jpg", "split": "train" if k < 10 else "test",
+                       "sentences": [{"raw": f"picture {k} caption {c}"} for c in range(3)]})
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": images}))
+    tasks = build_tasks({"scenario": "karpathy", "root": str(tmp_path), "annotations": "dataset.json",
+                         "num_tasks": 1, "augment": {"crop_scale": [0.5, 1.0], "flip": True}}, 24, 7)
+    steps = epoch_plan(tasks, [0], ReplayBuffer("none", 0), 7, 0, 0, 4, 0)
+    tokenize = ClipTokenizer(16)
+    batches = {}
+    for epoch in (0, 1):
+        for workers in (0, 2):
+            loader = make_loader(StepDataset(tasks, steps, epoch, tokenize), workers, pin_memory=False)
+            batches[epoch, workers] = list(loader)
+    for epoch in (0, 1):
+        for a, b in zip(batches[epoch, 0], batches[epoch, 2], strict=True):
+            assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not torch.equal(batches[0, 0][0]["images"], batches[1, 0][0]["images"])  # another epoch, another view
