@@ -401,6 +401,12 @@ class Trainer:
         if broken:
             raise self._diverged(f"non-finite parameters after {position}: {', '.join(broken[:3])}"
                                  + (f" and {len(broken) - 3} more" if len(broken) > 3 else ""))
+        self.checkpoints_written += 1
+        if self.dist.is_main:
+            self._write_checkpoint()
+        self.saved_at = position
+
+    def _write_checkpoint(self) -> None:
         state = {
             "config": json.dumps(self.config),
             "fingerprint": config_lib.fingerprint(self.config),
@@ -412,15 +418,11 @@ class Trainer:
             "replay": self.replay.state_dict(),
             "next_task": self.next_task, "next_epoch": self.next_epoch, "next_step": self.next_step,
             "epoch_sums": json.dumps(self.epoch_sums), "epoch_elapsed": self.epoch_elapsed,
-            "optimizer_steps": self.optimizer_steps, "checkpoints_written": self.checkpoints_written + 1,
+            "optimizer_steps": self.optimizer_steps, "checkpoints_written": self.checkpoints_written,
             "world_size": self.dist.world_size,
             "results": json.dumps(self.results), "epoch_seconds": self.epoch_seconds,
             "loss_history": json.dumps(self.loss_history),
         }
-        self.checkpoints_written += 1
-        self.saved_at = position
-        if not self.dist.is_main:
-            return
         checkpoint.save_atomic(state, self.checkpoint_path)
         keep = self.train_cfg["keep_checkpoints"]
         if keep > 1:
