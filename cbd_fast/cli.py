@@ -44,10 +44,14 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as device=...)")
     parser.add_argument("--threads", help="CPU threads: an integer or auto, one per core (same as threads=...)")
     folder = parser.add_mutually_exclusive_group()
-    folder.add_argument("--resume", action="store_true",
-                        help="continue the run in the run folder from its last checkpoint (same config only)")
+    folder.add_argument("--resume", nargs="?", const="latest", metavar="PATH|latest",
+                        help="continue the run in the run folder from its last checkpoint (latest, the default) or "
+                             "from the checkpoint file PATH (same config only)")
     folder.add_argument("--overwrite", action="store_true",
                         help="delete the run already in the run folder and start again")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train with N processes on this machine: starts `torchrun --standalone "
+                             "--nproc_per_node=N` on this command (README: Scaling out)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (defaults, --config, overrides) and exit")
     parser.add_argument("--no-progress", action="store_true",
@@ -156,6 +160,33 @@ def check_run_folder(run_dir: pathlib.Path, resume: bool, overwrite: bool) -> No
                          f"it, --overwrite deletes it and starts again, --name NAME writes elsewhere")
 
 
+def _resume_target(args: argparse.Namespace) -> None:
+    """``--resume key=value``: the optional PATH took an override; give it back (a checkpoint path has no '=' or
+    exists)."""
+    if args.resume and args.resume != "latest" and "=" in args.resume and not pathlib.Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
+
+
+def _torchrun(argv: list[str], nproc: int) -> int:
+    """Run this command under ``torchrun --standalone --nproc_per_node=nproc`` (without ``--nproc``)."""
+    if nproc < 1:
+        raise RunFolderError(f"--nproc must be ≥ 1, got {nproc}")
+    import subprocess
+
+    rest, skip = [], False
+    for index, item in enumerate(argv):
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            rest.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "cbd_fast.cli", *rest]
+    return subprocess.call(command)
+
+
 def _train(args: argparse.Namespace) -> int:
     prefer_passive_omp_wait()  # before resolve(), which imports torch to check the method's arguments
     from . import config as config_lib
@@ -172,41 +203,63 @@ def _train(args: argparse.Namespace) -> int:
     check_run_folder(run_dir, args.resume, args.overwrite)  # before any data is read
 
     _configure_logging()
+    from .train.loop import Trainer
+
+    show_progress = not args.no_progress and sys.stderr.isatty()
+    trainer = Trainer(cfg, show_progress=show_progress, stop_after_epochs=args.stop_after_epochs)
+    try:
+        return _train_with(trainer, args, run_dir)
+    finally:
+        trainer.dist.close()
+
+
+def _train_with(trainer, args: argparse.Namespace, run_dir: pathlib.Path) -> int:
     import logging
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .eval.report import format_table
-    from .train.loop import Trainer
 
-    show_progress = not args.no_progress and sys.stderr.isatty()
-    trainer = Trainer(cfg, show_progress=show_progress, stop_after_epochs=args.stop_after_epochs)
+    main = trainer.dist.is_main
+    if not main:  # one log and one table per run: rank 0's
+        logging.getLogger("cbd_fast").setLevel(logging.WARNING)
     log = logging.getLogger("cbd_fast.train")
-    if args.overwrite and run_dir.exists():
+    if args.overwrite and run_dir.exists() and main:
         shutil.rmtree(run_dir)
         log.info("deleted the previous run in %s (--overwrite)", run_dir)
+    trainer.dist.barrier()  # no rank reads the run folder while rank 0 deletes it
     if args.resume:
-        if not trainer.resume():
+        path = None if args.resume == "latest" else pathlib.Path(args.resume)
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint file")
+        if not trainer.resume(path):
             log.info("no checkpoint in %s; starting from scratch", run_dir)
         elif trainer.finished:
-            print(f"{run_dir}: the run is finished (all {len(trainer.tasks)} tasks trained); nothing to resume. "
-                  f"`cbd-eval {trainer.checkpoint_path}` evaluates it again, --overwrite trains it again.",
-                  file=sys.stderr)
-            print(format_table(trainer.metrics_document()))
+            if main:
+                print(f"{run_dir}: the run is finished (all {len(trainer.tasks)} tasks trained); nothing to "
+                      f"resume. `cbd-eval {trainer.checkpoint_path}` evaluates it again, --overwrite trains it "
+                      f"again.", file=sys.stderr)
+                print(format_table(trainer.metrics_document()))
             return 0
         else:
-            log.info("resuming %s after %s", run_dir, trainer.saved_at)
-    log.info("run folder %s; device %s; %d CPU thread(s) (OMP_WAIT_POLICY=%s)", run_dir, trainer.device,
-             trainer.threads, os.environ.get("OMP_WAIT_POLICY", "unset"))
+            log.info("resuming %s after %s (from %s)", run_dir, trainer.saved_at, path or trainer.checkpoint_path)
+    log.info("run folder %s; device %s; %d CPU thread(s) (OMP_WAIT_POLICY=%s)%s", run_dir, trainer.device,
+             trainer.threads, os.environ.get("OMP_WAIT_POLICY", "unset"),
+             f"; {trainer.dist.world_size} processes ({trainer.dist.backend})" if trainer.dist.enabled else "")
     with logging_redirect_tqdm(loggers=[logging.getLogger("cbd_fast")]):  # log lines print above the bars
         document = trainer.run()
-    print(format_table(document))
-    print(f"outputs: {trainer.run_dir}")
+    if main:
+        print(format_table(document))
+        print(f"outputs: {trainer.run_dir}")
     return 0
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _train_parser().parse_intermixed_args(argv)
+    _resume_target(args)
+    if args.nproc is not None and "RANK" not in os.environ:
+        return _report_errors("cbd-train", args.debug, lambda: _torchrun(argv, args.nproc))
     return _report_errors("cbd-train", args.debug, lambda: _train(args))
 
 

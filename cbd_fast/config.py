@@ -87,10 +87,12 @@ def load_scenario(path: str | pathlib.Path) -> dict:
 
 DEFAULTS: dict[str, Any] = builtin_config("default")
 # Sections whose keys are all listed in configs/default.yaml (model and data are checked by their own modules).
-STRICT_SECTIONS = ("", "train", "train.replay", "eval")  # method_args: checked per method (cbd_fast.methods)
+STRICT_SECTIONS = ("", "train", "train.replay", "eval", "logging")  # method_args: checked per method (cbd_fast.methods)
 # Keys that pick what the rest of a section means: naming another value starts the section afresh.
 _SECTION_KINDS = {"data": ("scenario",), "model": ("preset", "pretrained")}
 _SECTION_DEFAULT_KIND = {"data": {"scenario": "synthetic"}, "model": {}}
+# Keys of the data section that belong to the loader, not the scenario: they stay when the scenario changes.
+LOADER_KEYS = ("workers",)
 
 
 def _unknown_key(where: str, key: str, known) -> ConfigError:
@@ -111,13 +113,14 @@ def _restarts(section: str, base: dict, update: dict) -> bool:
 
 def _merge_kinded(section: str, base: Any, value: Any) -> dict:
     """``data`` / ``model``: a scenario file is read; another scenario or architecture replaces the section."""
+    loader = {key: base[key] for key in LOADER_KEYS if section == "data" and isinstance(base, dict) and key in base}
     if section == "data" and isinstance(value, (str, pathlib.PurePath)):
-        return load_scenario(value)
+        return {**load_scenario(value), **loader}
     if not isinstance(value, dict):
         raise ConfigError(f"config key '{section}' must be a mapping of keys"
                           + (" or a scenario file" if section == "data" else "") + f", got {value!r}")
     if not isinstance(base, dict) or _restarts(section, base, value):
-        return copy.deepcopy(value)
+        return {**loader, **copy.deepcopy(value)}
     return _merge(base, value, f"{section}.")
 
 
@@ -252,6 +255,9 @@ RULES: dict[str, Rule] = {
     "train.grad_clip": _number(),  # 0: no clipping
     "train.bf16": _choice("auto", True, False),
     "train.prompt_query": _choice("old_model", "prompt_free"),
+    "train.accumulate": _integer(1),
+    "train.checkpoint_every_steps": _integer(0),  # 0: per epoch only
+    "train.keep_checkpoints": _integer(1),
     "train.replay.strategy": _choice("reservoir", "per_task", "none"),
     "train.replay.size": _integer(0),
     "train.replay.batch_size": _integer(0),
@@ -262,6 +268,8 @@ RULES: dict[str, Rule] = {
     "eval.captions": _choice("all", "first"),
     "eval.cumulative": _choice(True, False),
     "eval.plot_metric": _text,
+    "data.workers": _integer(0),
+    "logging.tensorboard": _choice(True, False),
 }
 
 
@@ -282,6 +290,8 @@ def validate(config: dict, warn: bool = True) -> None:
     problems = []
     values = leaf_keys({k: v for k, v in config.items() if k not in _SECTION_KINDS and k != "method_args"})
     values["method_args"] = config.get("method_args")
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    values.update({f"data.{key}": data.get(key) for key in LOADER_KEYS})
     for key, rule in RULES.items():
         expected = rule(values.get(key))
         if expected is not None:
@@ -301,9 +311,11 @@ def dump(config: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- run identity
-# Keys that may change when a run is resumed: where its outputs go and what it runs on. (A different device or
-# thread count gives results that are not bit-identical to an uninterrupted run; the trainer warns.)
-RESUMABLE_KEYS = ("name", "output_dir", "device", "threads")
+# Keys that may change when a run is resumed: where its outputs go, what it runs on, how its data is loaded and
+# how often it is saved. (A different device, thread count or number of processes gives results that are not
+# bit-identical to an uninterrupted run; the trainer warns.)
+RESUMABLE_KEYS = ("name", "output_dir", "device", "threads", "data.workers", "train.checkpoint_every_steps",
+                  "train.keep_checkpoints", "logging.tensorboard")
 
 
 def _run_defining(config: dict) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def test_a_logged_run_with_a_scenario_file(tmp_path):
     assert "2 CPU thread(s) (OMP_WAIT_POLICY=PASSIVE)" in result.stderr
     run_dir = tmp_path / "runs" / "e2e"
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert recorded["data"] == dict(TINY["data"], num_tasks=2) and recorded["device"] == "cpu"
+    assert recorded["data"] == dict(TINY["data"], num_tasks=2, workers=0) and recorded["device"] == "cpu"
     document = json.loads((run_dir / "metrics.json").read_text())
     assert document["threads"] == 2 and len(document["tasks"]) == 2
 

@@ -56,7 +56,7 @@ def test_train_outputs_and_exact_resume(tmp_path, capsys):
                  "task_curves.png"):
         assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name  # readable by the group, like open()
     recorded = yaml.safe_load((run / "config.yaml").read_text())
-    assert recorded["device"] == "cpu" and recorded["data"] == TINY["data"]
+    assert recorded["device"] == "cpu" and recorded["data"] == dict(TINY["data"], workers=0)
     assert recorded["method"] == "cbd" and recorded["method_args"]["banzhaf"] == 1.0
     assert recorded["method_args"]["banzhaf_estimator"] == "paired"  # defaults are filled in and recorded
 
@@ -147,12 +147,12 @@ def test_cbd_learned_module_runs(tmp_path):
 def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
     from cbd_fast.methods import cbd as cbd_method
 
-    real = cbd_method.sample_distillation_loss
+    real = cbd_method.global_sample_distillation
 
     def diverging(*args, **kwargs):  # the distillation term of task 2 becomes NaN
         return real(*args, **kwargs) * float("nan")
 
-    monkeypatch.setattr(cbd_method, "sample_distillation_loss", diverging)
+    monkeypatch.setattr(cbd_method, "global_sample_distillation", diverging)
     config = dict(TINY, train=dict(TINY["train"], epochs=1))
     assert _run(tmp_path, "nan", config=config) == 1
     error = capsys.readouterr().err

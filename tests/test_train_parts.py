@@ -192,7 +192,9 @@ def test_defaults_are_those_of_default_yaml():
     assert cfg["train"]["lr"] == 5.0e-4 and cfg["train"]["replay"]["strategy"] == "none" and cfg["threads"] == 1
     # every key of the run sections has a rule, and every rule a default
     strict = {k: v for k, v in config_lib.DEFAULTS.items() if k not in ("model", "data")}
-    assert set(config_lib.leaf_keys(strict)) == set(config_lib.RULES)
+    loader = {f"data.{key}" for key in config_lib.LOADER_KEYS}  # the data section's keys that are not scenario's
+    assert set(config_lib.leaf_keys(strict)) | loader == set(config_lib.RULES)
+    assert loader <= set(config_lib.leaf_keys(config_lib.DEFAULTS))
     config_lib.validate(config_lib.DEFAULTS)
 
 
@@ -201,12 +203,13 @@ def test_scenario_file_and_data_overrides_merge(tmp_path):
     content = {"scenario": "synthetic", "num_tasks": 5, "train_per_class": 6, "test_per_class": 4}
     scenario.write_text(yaml.safe_dump(content))
     for overrides in ([f"data={scenario}", "data.num_tasks=2"], ["data.num_tasks=2", f"data={scenario}"]):
-        assert config_lib.resolve(None, overrides)["data"] == dict(content, num_tasks=2)
+        assert config_lib.resolve(None, overrides)["data"] == dict(content, num_tasks=2, workers=0)
     from_config = config_lib.resolve({"data": str(scenario)}, ["data.test_per_class=2"])
-    assert from_config["data"] == dict(content, test_per_class=2)
-    # another scenario kind, or another architecture, starts its section afresh
+    assert from_config["data"] == dict(content, test_per_class=2, workers=0)
+    # another scenario kind, or another architecture, starts its section afresh (the loader's keys stay)
     assert config_lib.resolve(None, ["data.scenario=csv", "data.path=x.csv"])["data"] == \
-        {"scenario": "csv", "path": "x.csv"}
+        {"scenario": "csv", "path": "x.csv", "workers": 0}
+    assert config_lib.resolve(None, ["data.workers=2", f"data={scenario}"])["data"]["workers"] == 2
     assert config_lib.resolve({"model": {"pretrained": "ViT-B-32.pt"}})["model"] == {"pretrained": "ViT-B-32.pt"}
     assert config_lib.resolve(None, ["model.prompts.length=2"])["model"] == {"preset": "tiny", "prompts": {"length": 2}}
     assert config_lib.resolve(None, ["data=synthetic5"])["data"]["num_tasks"] == 5  # a shipped scenario by name
@@ -233,6 +236,12 @@ def test_scenario_file_and_data_overrides_merge(tmp_path):
     ("threads=0", "threads", "auto or an integer ≥ 1"),
     ("device=gpu", "device", "auto, cpu, cuda or cuda:N"),
     ("seed=-1", "seed", "an integer ≥ 0"),
+    ("train.accumulate=0", "train.accumulate", "an integer ≥ 1"),
+    ("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps", "an integer ≥ 0"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints", "an integer ≥ 1"),
+    ("data.workers=-2", "data.workers", "an integer ≥ 0"),
+    ("data.workers=two", "data.workers", "an integer ≥ 0"),
+    ("logging.tensorboard=sometimes", "logging.tensorboard", "one of true, false"),
 ])
 def test_config_ranges_are_checked_naming_the_key(override, key, expected):
     with pytest.raises(config_lib.ConfigError, match=re.escape(f"config key '{key}' must be {expected}")):
@@ -246,7 +255,9 @@ def test_batch_size_one_warns():
 
 def test_run_fingerprint_and_differences():
     base = config_lib.resolve(None)
-    moved = config_lib.resolve(None, ["name=elsewhere", "output_dir=/tmp/x", "device=cpu", "threads=2"])
+    moved = config_lib.resolve(None, ["name=elsewhere", "output_dir=/tmp/x", "device=cpu", "threads=2",
+                                      "data.workers=4", "train.checkpoint_every_steps=100",
+                                      "train.keep_checkpoints=5", "logging.tensorboard=true"])
     assert config_lib.fingerprint(base) == config_lib.fingerprint(moved) and not config_lib.differences(base, moved)
     changed = config_lib.resolve(None, ["train.lr=0.01", "data.num_tasks=5"])
     assert config_lib.fingerprint(base) != config_lib.fingerprint(changed)

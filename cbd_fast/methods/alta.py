@@ -55,8 +55,9 @@ class ALTA(Method):
     stores logits of one augmented view); logits are the scores times the (frozen) temperature; optimiser,
     schedule and epochs are the loop's (AdamW) rather than SGD.
 
-    Distributed training: the InfoNCE terms are defined on the global batch; the logit-memory MSE is per replay
-    row, so local.
+    Distributed training: local — every term, on each rank's share of the batch: the InfoNCE terms score with the
+    adapter over the rank's own current and replay rows (the public code trains on one GPU), and the
+    logit-memory MSE is per replay row.
     """
 
     name = "alta"

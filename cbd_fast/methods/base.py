@@ -9,7 +9,14 @@ its loss terms on a batch, and its hooks at the start and end of a task, in the 
 
 A batch (from ``Trainer._batches``) is a dict: ``images[B,3,S,S]``, ``ids[B,L]``, ``mask[B,L]`` on the device;
 ``task[B]``, ``index[B]`` (long, CPU: which training sample each row is) and ``replay[B]`` (bool, device: rows
-drawn from the replay buffer, always after the current task's rows).
+drawn from the replay buffer, always after the current task's rows). In a distributed run it is the rank's share of
+the global batch and also holds ``shard_sizes`` (every rank's row count, in rank order).
+
+Distributed runs (DESIGN §6.2): a loss term is either *global* — defined on the global batch, computed by each
+rank for its own rows against every rank's features (:meth:`Outputs.rows`, :func:`global_contrastive`,
+:func:`global_sample_distillation`) — or *local* — per pair or per rank's shard, computed on the rank's rows only.
+Each method's docstring says which of its terms are which. The loop weights every rank's total by its share of the
+global batch, so a global term sums to exactly its single-process value.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from torch import nn
 
 from ..maxsim import maxsim
 from ..model import TokenFeatures
-from ..train.losses import contrastive_loss
+from ..train.losses import contrastive_loss, sample_distillation_loss
 
 COMMON_DEFAULTS: dict[str, Any] = {"prompt": 0.1}  # λ_p: weight of the prompt pull constraint (DESIGN §6)
 
@@ -64,12 +71,41 @@ class Terms:
 @dataclass
 class Outputs:
     """One model's outputs on a batch: token features of both towers, the all-pairs MaxSim/WTI scores
-    ``scores[B,B]`` (text rows, image columns, pair i ↔ i) and the prompt pull term (scalar)."""
+    ``scores[B,B]`` (text rows, image columns, pair i ↔ i) and the prompt pull term (scalar). In a distributed
+    run ``scores`` is among the rank's own rows, and :meth:`rows` gives the rank's rows of the global batch's."""
 
     text: TokenFeatures
     image: TokenFeatures
     scores: torch.Tensor
     pull: torch.Tensor
+    dist: Any = None  # a distributed cbd_fast.train.distributed.Distributed, or None
+    shard_sizes: Optional[list[int]] = None  # rows of every rank's share of the global batch
+    _rows: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.shard_sizes is not None
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The local-loss form of the global score matrix: ``(text_rows[n,N], image_rows[n,N], offset)`` —
+        this rank's captions against every image, this rank's images against every caption, and the column of
+        local row 0's matched pair. Single process: ``(scores, scores.t(), 0)``.
+
+        Each rank scores its captions against every rank's images (gathered with their gradient) and the ranks'
+        score rows are gathered (with gradient) into the ``[N, N]`` matrix, whose columns give the image rows: the
+        MaxSim work of the global matrix is done once, split over the ranks, and caption tokens never travel. The
+        first call communicates, so every rank must call it at the same point of the step."""
+        if not self.distributed:
+            return self.scores, self.scores.t(), 0
+        if self._rows is None:
+            sizes, dist, image = self.shard_sizes, self.dist, self.image
+            offset = sum(sizes[:dist.rank])
+            images = TokenFeatures(dist.gather(image.tokens, sizes), dist.gather(image.mask, sizes, grad=False),
+                                   dist.gather(image.weight, sizes), image.pooled)
+            text_rows = pair_scores(self.text, images)  # [n, N]
+            matrix = dist.gather(text_rows, sizes)  # [N, N]: every caption against every image
+            self._rows = (text_rows, matrix[:, offset:offset + sizes[dist.rank]].t(), offset)
+        return self._rows
 
 
 @torch.no_grad()
@@ -78,18 +114,56 @@ def prompt_queries(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return model.query_image(batch["images"]), model.query_text(batch["ids"], batch["mask"])
 
 
-def encode(model, batch, queries, train_task: Optional[int]) -> Outputs:
+def encode(model, batch, queries, train_task: Optional[int], dist=None) -> Outputs:
     """Token features and scores of ``model`` on ``batch`` with prompts chosen from ``queries`` (the slot of
-    ``train_task`` when given, else by key matching as at test time)."""
+    ``train_task`` when given, else by key matching as at test time). With a distributed ``dist``
+    (:class:`cbd_fast.train.distributed.Distributed`) and ``batch["shard_sizes"]``, :meth:`Outputs.rows` gives
+    the global batch's scores."""
     image_prompt, text_prompt, pull = model.select_prompts(*queries, train_task=train_task)
     image = model.encode_image(batch["images"], prompt_index=image_prompt)
     text = model.encode_text(batch["ids"], batch["mask"], prompt_index=text_prompt)
-    return Outputs(text, image, pair_scores(text, image), pull)
+    distributed = dist is not None and dist.enabled and "shard_sizes" in batch
+    return Outputs(text, image, pair_scores(text, image), pull, dist if distributed else None,
+                   batch["shard_sizes"] if distributed else None)
 
 
 def pair_scores(text: TokenFeatures, image: TokenFeatures) -> torch.Tensor:
     """MaxSim/WTI scores of every text against every image: ``[Bt, Bi]``."""
     return maxsim(text.tokens, image.tokens, text.mask, image.mask, text.weight, image.weight)
+
+
+def global_contrastive(out: Outputs, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE on the global batch's MaxSim scores (this rank's rows of it in a distributed run)."""
+    if not out.distributed:
+        return contrastive_loss(out.scores.float(), logit_scale)
+    text_rows, image_rows, offset = out.rows()
+    return contrastive_loss(text_rows.float(), logit_scale, image_rows.float(), offset)
+
+
+def global_sample_distillation(new: Outputs, old: Outputs, temperature: float) -> torch.Tensor:
+    """:func:`~cbd_fast.train.losses.sample_distillation_loss` on the global batch's score rows."""
+    if not new.distributed:
+        return sample_distillation_loss(new.scores.float(), old.scores.float(), temperature)
+    (text_new, image_new, _), (text_old, image_old, _) = new.rows(), old.rows()
+    return sample_distillation_loss(text_new.float(), text_old.float(), temperature, image_new.float(),
+                                    image_old.float())
+
+
+def global_rows(x: torch.Tensor, batch, dist) -> tuple[torch.Tensor, int]:
+    """``(x_all[N, ...], offset)``: every rank's rows of ``x[n, ...]`` in rank order, gathered with their gradient,
+    and where this rank's rows start; ``(x, 0)`` in a single process."""
+    if dist is None or not dist.enabled or "shard_sizes" not in batch:
+        return x, 0
+    sizes = batch["shard_sizes"]
+    return dist.gather(x, sizes), sum(sizes[:dist.rank])
+
+
+def global_same_sample(batch, dist) -> torch.Tensor:
+    """``[n, N]`` bool on the device: this rank's row i and global row j are the same training sample
+    (:func:`same_sample` against the whole global batch)."""
+    key = (batch["task"] * (1 << 40) + batch["index"]).to(batch["images"].device)
+    every, _ = global_rows(key, batch, dist)
+    return key[:, None] == every[None, :]
 
 
 def same_sample(batch) -> torch.Tensor:
@@ -162,7 +236,7 @@ class Method(nn.Module):
     def loss_terms(self, student: Outputs, batch, task_index: int, step_seed: int) -> Terms:
         """Symmetric InfoNCE on the MaxSim scores and the prompt pull; subclasses add their terms."""
         terms = Terms()
-        terms.add("contrastive", contrastive_loss(student.scores.float(), self.model.scale()))
+        terms.add("contrastive", global_contrastive(student, self.model.scale()))
         if self.args["prompt"]:
             terms.add("prompt_key_cos", student.pull, -self.args["prompt"])
         return terms
@@ -186,7 +260,7 @@ class Method(nn.Module):
         """The trained model's outputs, with the prompt slot of ``task_index``."""
         queries, use_old = self._queries(batch)
         self._step_queries = queries if use_old else None  # shared with the teacher, computed once per step
-        return encode(self.model, batch, queries, train_task=task_index)
+        return encode(self.model, batch, queries, train_task=task_index, dist=self.trainer.dist)
 
     @torch.no_grad()
     def teacher(self, batch) -> Optional[Outputs]:
@@ -195,7 +269,7 @@ class Method(nn.Module):
         if self.old_model is None:
             return None
         queries = self._step_queries if self._step_queries is not None else prompt_queries(self.old_model, batch)
-        return encode(self.old_model, batch, queries, train_task=None)
+        return encode(self.old_model, batch, queries, train_task=None, dist=self.trainer.dist)
 
     def frozen_copy(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).eval().requires_grad_(False)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..banzhaf import banzhaf_interaction
-from ..train.losses import (InteractionPredictor, banzhaf_distillation_loss, sample_distillation_loss,
-                            token_similarity_loss)
-from .base import Method
+from ..train.losses import InteractionPredictor, banzhaf_distillation_loss, token_similarity_loss
+from .base import Method, global_sample_distillation
 
 
 class CBD(Method):
@@ -27,8 +26,9 @@ class CBD(Method):
     module ``banzhaf_source: module`` (a small network trained online by regression onto the estimator's output
     predicts the interaction maps of both models; its fit is the ``module_fit`` term). Combines with replay.
 
-    Distributed training: the contrastive and sample-level terms are defined on the global batch; the token and
-    Banzhaf terms (and the module fit) are per pair, so local.
+    Distributed training: global — the contrastive and sample-level terms (each rank's rows of the global score
+    matrices); local — the token and Banzhaf terms and the module fit, which are per matched pair (each rank
+    estimates its own pairs' interactions with its rank's Banzhaf seed, so the draws differ from one process's).
     """
 
     name = "cbd"
@@ -53,8 +53,8 @@ class CBD(Method):
         if teacher is None:
             return terms
         if args["sample"]:
-            terms.add("sample", sample_distillation_loss(student.scores.float(), teacher.scores.float(),
-                                                         args["sample_temperature"]), args["sample"])
+            terms.add("sample", global_sample_distillation(student, teacher, args["sample_temperature"]),
+                      args["sample"])
         if not (args["token"] or args["banzhaf"]):
             return terms
         # per-pair token similarity maps of matched pairs: S[b] = X[b] Y[b]^T

@@ -8,8 +8,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..model import TokenFeatures
-from ..train.losses import sample_distillation_loss
-from .base import Method, same_sample
+from .base import Method, global_sample_distillation, same_sample
 
 CELLS = 4  # RIC, IMRC, GLGC, CMRC
 SKIP_BELOW = 1e-4  # a next-layer cell whose incoming path weights all sum below this gets the skip path
@@ -177,8 +176,8 @@ class DIME(Method):
     negative is sought among the dual encoder's top candidates; IMRC uses ``heads`` heads of width D/heads; the
     score is re-ranking of the dual encoder's top-k instead of exhaustive.
 
-    Distributed training: the contrastive and LwF terms are defined on the global batch; the hinge, its
-    candidates and the path term are local to each rank's batch (the public code trains on one GPU).
+    Distributed training: global — the contrastive and LwF terms; local — the hinge, its candidates and the path
+    term, on each rank's share of the batch (the public code trains on one GPU).
     """
 
     name = "dime"
@@ -239,8 +238,7 @@ class DIME(Method):
         if args["lwf"]:
             teacher = self.teacher(batch)
             if teacher is not None:
-                terms.add("lwf", sample_distillation_loss(student.scores.float(), teacher.scores.float(),
-                                                          args["lwf_temperature"]), args["lwf"])
+                terms.add("lwf", global_sample_distillation(student, teacher, args["lwf_temperature"]), args["lwf"])
         return terms
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ class ExperienceReplay(Finetune):
     is ``strategy: none`` (the default config), ``er`` uses ``strategy: reservoir, size: 128, batch_size: 16``
     and the resolved config records it.
 
-    Distributed training: the contrastive loss is defined on the global batch (current and replay rows).
+    Distributed training: global — the contrastive loss (current and replay rows of every rank).
     """
 
     name = "er"

@@ -33,8 +33,8 @@ class EWC(Method):
     λ = 1000 the penalty is about a tenth of the loss on the default scenario (``ewc`` ≈ 1–2·10⁻⁴ during tasks 2
     and 3 of a 10-epoch run, against a contrastive loss of about 2). Combines with replay.
 
-    Distributed training: the contrastive loss is defined on the global batch; the penalty involves no batch;
-    the Fisher is the mean over all ranks' batches (an all-reduce of the squared gradients).
+    Distributed training: global — the contrastive loss; the penalty involves no batch; every rank computes the
+    Fisher on the whole task at its end (the same numbers on every rank, no communication).
     """
 
     name = "ewc"

@@ -14,7 +14,7 @@ class Finetune(Method):
     Defaults: ``prompt: 0.1`` (λ_p, the prompt pull weight, common to every method). Combines with
     ``train.replay.*`` (which makes it experience replay, see ``er``).
 
-    Distributed training: the contrastive loss is defined on the global batch; the pull term is per sample.
+    Distributed training: global — the contrastive loss; local — the pull term, per sample.
     """
 
     name = "finetune"

@@ -48,8 +48,8 @@ class ICSD(Method):
     depend on the composition of a test batch; the InfoNCE uses the backbone's learnable temperature; τ_c is kept in
     [min, max] by a sigmoid parametrisation instead of clamping.
 
-    Distributed training: the soft-label loss is local to each rank's batch, as in the public code
-    (``is_all_gather: False``); the contrastive loss is defined on the global batch.
+    Distributed training: global — the contrastive loss; local — the soft-label loss, on each rank's share of the
+    batch, as in the public code (``is_all_gather: False``).
     """
 
     name = "icsd"

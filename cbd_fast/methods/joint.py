@@ -21,7 +21,7 @@ class Joint(Finetune):
     Defaults: ``prompt: 0.1``. Does not combine with replay (every sample is already there): ``train.replay``
     must be ``none``.
 
-    Distributed training: the contrastive loss is defined on the global batch.
+    Distributed training: global — the contrastive loss.
     """
 
     name = "joint"

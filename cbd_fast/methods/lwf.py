@@ -1,8 +1,7 @@
 """``lwf``: Learning without Forgetting for retrieval (KL between old and new score rows)."""
 from __future__ import annotations
 
-from ..train.losses import sample_distillation_loss
-from .base import Method
+from .base import Method, global_sample_distillation
 
 
 class LwF(Method):
@@ -15,8 +14,8 @@ class LwF(Method):
     Defaults: ``weight: 1.0`` (λ), ``temperature: 0.05``, ``prompt: 0.1``. Identical to ``cbd`` with
     ``token: 0, banzhaf: 0`` (its sample-only ablation), kept under its standard name. Combines with replay.
 
-    Distributed training: the contrastive and the KL terms are defined on the global batch (score rows over all
-    ranks' samples).
+    Distributed training: global — the contrastive and the KL terms (each rank's caption and image rows over all
+    ranks' samples, as in one process).
     """
 
     name = "lwf"
@@ -27,6 +26,6 @@ class LwF(Method):
         terms = super().loss_terms(student, batch, task_index, step_seed)
         teacher = self.teacher(batch)
         if teacher is not None and self.args["weight"]:
-            terms.add("lwf", sample_distillation_loss(student.scores.float(), teacher.scores.float(),
-                                                      self.args["temperature"]), self.args["weight"])
+            terms.add("lwf", global_sample_distillation(student, teacher, self.args["temperature"]),
+                      self.args["weight"])
         return terms

@@ -6,22 +6,29 @@ import torch
 from .base import Method
 
 
-def modx_distillation_loss(scores_new: torch.Tensor, scores_old: torch.Tensor, temperature: float) -> torch.Tensor:
+def modx_distillation_loss(scores_new: torch.Tensor, scores_old: torch.Tensor, temperature: float,
+                           image_rows_new: torch.Tensor | None = None, image_rows_old: torch.Tensor | None = None,
+                           offset: int = 0) -> torch.Tensor:
     """Mod-X's loss on score matrices ``[B,B]`` (text rows, image columns, pair i ↔ i).
 
     For each direction (text→image rows, image→text rows): ``Σ_i KL(softmax(old_i/τ) ‖ softmax(new_i/τ))`` over
     the rows ``i`` whose matched pair the old model ranks first (``argmax_j old_ij = i``, ties to the lowest
     index); the other rows are the old model's misalignments and are left out. Summed over rows, not averaged;
-    the mean of the two directions."""
+    the mean of the two directions.
+
+    Local-loss form (DESIGN §6.2): caption rows ``scores_*[n,N]`` and image rows ``image_rows_*[n,N]`` of a rank's
+    share of a global batch, matched pair of row i in column ``offset + i``; summed over those rows."""
     def one_direction(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-        keep = old.argmax(-1) == torch.arange(old.shape[0], device=old.device)
+        keep = old.argmax(-1) == torch.arange(offset, offset + old.shape[0], device=old.device)
         log_old = torch.log_softmax(old / temperature, dim=-1)
         log_new = torch.log_softmax(new / temperature, dim=-1)
         rows = (log_old.exp() * (log_old - log_new)).sum(-1)
         return torch.where(keep, rows, 0.0).sum()
 
     old = scores_old.detach()
-    return 0.5 * (one_direction(scores_new, old) + one_direction(scores_new.t(), old.t()))
+    if image_rows_new is None:
+        return 0.5 * (one_direction(scores_new, old) + one_direction(scores_new.t(), old.t()))
+    return 0.5 * (one_direction(scores_new, old) + one_direction(image_rows_new, image_rows_old.detach()))
 
 
 class ModX(Method):
@@ -37,7 +44,9 @@ class ModX(Method):
     the raw cosine matrix (τ = 1) and a KL summed over rows (so its strength grows with the batch). The public code
     distils global-embedding cosines; here the rows are the backbone's MaxSim scores. Combines with replay.
 
-    Distributed training: the contrastive and the distillation terms are defined on the global batch.
+    Distributed training: global — the contrastive and the distillation terms (each rank's rows of the global
+    score matrices; the rank's sum is scaled by ``N / n`` so that the loop's ``n / N`` weighting leaves the
+    global batch's row sum, as in one process).
     """
 
     name = "modx"
@@ -48,6 +57,13 @@ class ModX(Method):
         terms = super().loss_terms(student, batch, task_index, step_seed)
         teacher = self.teacher(batch)
         if teacher is not None and self.args["weight"]:
-            terms.add("modx", modx_distillation_loss(student.scores.float(), teacher.scores.float(),
-                                                     self.args["temperature"]), self.args["weight"])
+            temperature = self.args["temperature"]
+            if student.distributed:
+                (text_new, image_new, offset), (text_old, image_old, _) = student.rows(), teacher.rows()
+                local = modx_distillation_loss(text_new.float(), text_old.float(), temperature, image_new.float(),
+                                               image_old.float(), offset)
+                value = local * (sum(student.shard_sizes) / text_new.shape[0])
+            else:
+                value = modx_distillation_loss(student.scores.float(), teacher.scores.float(), temperature)
+            terms.add("modx", value, self.args["weight"])
         return terms

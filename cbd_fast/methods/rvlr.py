@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method, same_sample
+from .base import Method, global_rows, global_same_sample
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -13,21 +13,33 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
-def relation(features: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Off-diagonal entries of ``f fᵀ / τ`` for L2-normalised ``features[N, D]``: ``[N, N−1]``."""
-    full = features @ features.t() / temperature
-    keep = ~torch.eye(full.shape[0], dtype=torch.bool, device=full.device)
+def relation(features: torch.Tensor, temperature: float, every: torch.Tensor | None = None,
+             offset: int = 0) -> torch.Tensor:
+    """Off-diagonal entries of ``f fᵀ / τ`` for L2-normalised ``features[N, D]``: ``[N, N−1]``.
+
+    Rows of a share of the batch: ``features[n, D]`` are rows ``offset .. offset + n`` of ``every[N, D]``; the
+    result is their ``[n, N−1]`` rows of the relation matrix."""
+    every = features if every is None else every
+    full = features @ every.t() / temperature
+    rows = torch.arange(full.shape[0], device=full.device)
+    keep = torch.arange(full.shape[1], device=full.device)[None, :] != (rows + offset)[:, None]
     return full[keep].view(full.shape[0], -1)
 
 
 def structure_losses(student: torch.Tensor, teacher_text: torch.Tensor, teacher_image: torch.Tensor,
-                     mix: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     mix: torch.Tensor, temperature: float, everyone: tuple | None = None,
+                     offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RVLR's structure-aware distillation (``distance: mae``) on ``[N, D]`` normalised features:
     ``E = λ R^T + (1 − λ) R^I``; returns ``(mean|R^F − E|, mean|R^I − E|, mean|R^T − E|)`` over the off-diagonal
-    entries, where ``R^F`` relates the student's fused pair embeddings ``student`` and λ = ``mix``."""
-    r_text, r_image = relation(teacher_text, temperature), relation(teacher_image, temperature)
+    entries, where ``R^F`` relates the student's fused pair embeddings ``student`` and λ = ``mix``.
+
+    A share of the batch (:func:`relation`): ``everyone = (student, teacher_text, teacher_image)`` of the whole
+    batch, the arguments being its rows from ``offset`` on; the means are over the share's rows."""
+    every_student, every_text, every_image = everyone or (None, None, None)
+    r_text = relation(teacher_text, temperature, every_text, offset)
+    r_image = relation(teacher_image, temperature, every_image, offset)
     ensemble = mix * r_text + (1 - mix) * r_image
-    r_student = relation(student, temperature)
+    r_student = relation(student, temperature, every_student, offset)
     return ((r_student - ensemble).abs().mean(), (r_image - ensemble).abs().mean(),
             (r_text - ensemble).abs().mean())
 
@@ -57,7 +69,8 @@ class RVLR(Method):
     pair embeddings ``normalize(f^v + f^t)`` (a dual encoder has no fusion CLS); the ITM loss and its hard-negative
     sampling are dropped (no fusion encoder); ``f^v``, ``f^t`` are the backbone's pooled embeddings.
 
-    Distributed training: every term is defined on the global batch (the public code all-gathers the batch).
+    Distributed training: global — every term, as in the public code (which all-gathers the batch): each rank's
+    rows of the representation and relation matrices against every rank's (gathered with their gradient).
     """
 
     name = "rvlr"
@@ -80,18 +93,25 @@ class RVLR(Method):
             return terms
         image, text = student.image.pooled.float(), student.text.pooled.float()
         old_image, old_text = teacher.image.pooled.float(), teacher.text.pooled.float()
-        same = same_sample(batch).float()
+        dist = self.trainer.dist
+        same = global_same_sample(batch, dist).float()  # [n, N]
         target = same / same.sum(-1, keepdim=True)
         tau = args["temperature"]
         if args["iic"]:
-            projected = F.normalize(self.image_projection(old_image), dim=-1)
+            projected, _ = global_rows(F.normalize(self.image_projection(old_image), dim=-1), batch, dist)
             terms.add("iic", soft_cross_entropy(image @ projected.t() / tau, target), args["iic"])
         if args["ttc"]:
-            projected = F.normalize(self.text_projection(old_text), dim=-1)
+            projected, _ = global_rows(F.normalize(self.text_projection(old_text), dim=-1), batch, dist)
             terms.add("ttc", soft_cross_entropy(text @ projected.t() / tau, target), args["ttc"])
-        if (args["kd"] or args["kdi"] or args["kdt"]) and image.shape[0] > 1:  # relations need two samples
+        if (args["kd"] or args["kdi"] or args["kdt"]) and same.shape[1] > 1:  # relations need two samples
             fused = F.normalize(image + text, dim=-1)
-            kd, kdi, kdt = structure_losses(fused, old_text, old_image, self.mix, args["relation_temperature"])
+            everyone, offset = None, 0
+            if dist.enabled and "shard_sizes" in batch:  # a share of the global batch
+                (every_fused, offset), (every_text, _), (every_image, _) = (
+                    global_rows(x, batch, dist) for x in (fused, old_text, old_image))
+                everyone = (every_fused, every_text, every_image)
+            kd, kdi, kdt = structure_losses(fused, old_text, old_image, self.mix, args["relation_temperature"],
+                                            everyone, offset)
             for name, value in (("kd", kd), ("kdi", kdi), ("kdt", kdt)):
                 if args[name]:
                     terms.add(name, value, args[name])

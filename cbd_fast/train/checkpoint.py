@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pathlib
 import re
 from typing import Any, BinaryIO
@@ -80,6 +81,25 @@ def save_atomic(state: dict[str, Any], path: str | pathlib.Path) -> None:
         stream.write(hashing.sha256.digest())
 
     write_atomic(path, write)
+
+
+def keep_history(last: pathlib.Path, name: str, keep: int) -> None:
+    """Link the checkpoint just written at ``last`` as ``<name>.pt`` next to it (a copy where the file system has
+    no hard links) and delete the oldest such files beyond the newest ``keep`` (``last`` counts as one of them, so
+    ``keep - 1`` older ones stay). ``name`` starts with a zero-padded counter, so names sort by age."""
+    last = pathlib.Path(last)
+    target = last.with_name(f"{name}.pt")
+    target.unlink(missing_ok=True)
+    try:
+        os.link(last, target)
+    except OSError:
+        write_atomic(target, lambda stream: stream.write(last.read_bytes()))
+    history = sorted(path for path in last.parent.glob("[0-9]*.pt") if _HISTORY.fullmatch(path.name))
+    for old in history[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+_HISTORY = re.compile(r"\d{6,}-task\d+-epoch\d+(-step\d+)?\.pt")
 
 
 def _payload_digest(stream: BinaryIO) -> bytes:

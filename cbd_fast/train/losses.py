@@ -12,11 +12,19 @@ from torch import nn
 NEG_INF = float("-inf")
 
 
-def contrastive_loss(scores: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE on the fine-grained scores. scores[B,B] -> scalar."""
-    logits = scores * logit_scale
-    target = torch.arange(scores.shape[0], device=scores.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+def contrastive_loss(scores: torch.Tensor, logit_scale: torch.Tensor, image_rows: torch.Tensor | None = None,
+                     offset: int = 0) -> torch.Tensor:
+    """Symmetric InfoNCE on the fine-grained scores. scores[B,B] -> scalar.
+
+    Local-loss form (a rank's rows of a global batch of N, DESIGN §6.2): ``scores[n,N]`` (the rank's captions
+    against every image), ``image_rows[n,N]`` (its images against every caption), matched pair of row i in
+    column ``offset + i``; the result is the mean over the rank's rows."""
+    if image_rows is None:
+        logits = scores * logit_scale
+        target = torch.arange(scores.shape[0], device=scores.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    target = torch.arange(offset, offset + scores.shape[0], device=scores.device)
+    return 0.5 * (F.cross_entropy(scores * logit_scale, target) + F.cross_entropy(image_rows * logit_scale, target))
 
 
 def _masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -29,12 +37,19 @@ def _masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, valid
     return pointwise.sum() / rows.sum().clamp_min(1)
 
 
-def sample_distillation_loss(scores_new: torch.Tensor, scores_old: torch.Tensor,
-                             temperature: float) -> torch.Tensor:
-    """KL from the old to the new row-softmax of the score matrix, text→image and image→text. scores[B,B]."""
+def sample_distillation_loss(scores_new: torch.Tensor, scores_old: torch.Tensor, temperature: float,
+                             image_rows_new: torch.Tensor | None = None,
+                             image_rows_old: torch.Tensor | None = None) -> torch.Tensor:
+    """KL from the old to the new row-softmax of the score matrix, text→image and image→text. scores[B,B].
+
+    Local-loss form (DESIGN §6.2): caption rows ``scores_*[n,N]`` and image rows ``image_rows_*[n,N]`` of a rank's
+    share of a global batch; the mean over those rows."""
     valid = torch.ones_like(scores_new, dtype=torch.bool)
     new, old = scores_new / temperature, scores_old.detach() / temperature
-    return 0.5 * (_masked_kl(old, new, valid) + _masked_kl(old.t(), new.t(), valid))
+    if image_rows_new is None:
+        return 0.5 * (_masked_kl(old, new, valid) + _masked_kl(old.t(), new.t(), valid))
+    image_new, image_old = image_rows_new / temperature, image_rows_old.detach() / temperature
+    return 0.5 * (_masked_kl(old, new, valid) + _masked_kl(image_old, image_new, torch.ones_like(valid)))
 
 
 def token_similarity_loss(sim_new: torch.Tensor, sim_old: torch.Tensor, text_mask: torch.Tensor,
