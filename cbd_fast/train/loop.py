@@ -29,6 +29,7 @@ from ..eval.report import build_document, write_reports
 from ..methods import create_method
 from ..model import create_model
 from . import checkpoint
+from .optim import create_optimizer
 from .replay import ReplayBuffer
 
 _MIX = 0x9E3779B97F4A7C15
@@ -128,8 +129,7 @@ class Trainer:
         cfg = self.train_cfg
         self.model.set_num_active_prompts(task_index + 1)
         self.method.start_task(task_index)
-        self.optimizer = torch.optim.AdamW(self.method.parameter_groups(), lr=cfg["lr"],
-                                           weight_decay=cfg["weight_decay"])
+        self.optimizer = create_optimizer(self.model, self.method.parameter_groups(), cfg["lr"], cfg["weight_decay"])
         steps = cfg["epochs"] * self._steps_per_epoch(task_index)
         warmup = min(cfg["warmup_steps"], max(1, steps // 5))
 
