@@ -83,8 +83,12 @@ class AdamW(torch.optim.AdamW):
             target.index_copy_(0, rows, rows_now)
 
 
-def create_optimizer(model: nn.Module, parameter_groups: list[dict], lr: float, weight_decay: float) -> AdamW:
-    """The training optimizer of ``parameter_groups``: :class:`AdamW` with the model's embedding tables as
-    row-sparse parameters."""
+def create_optimizer(model: nn.Module, parameter_groups: list[dict], lr: float,
+                     weight_decay: float) -> torch.optim.AdamW:
+    """The training optimizer of ``parameter_groups``: on the CPU, :class:`AdamW` with the model's embedding tables
+    as row-sparse parameters; on a GPU, ``torch.optim.AdamW`` with its defaults (its multi-tensor kernels update a
+    whole table in a few launches, and skipping rows would cost a device-to-host read of the row count)."""
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    if any(table.device.type != "cpu" for table in tables):
+        return torch.optim.AdamW(parameter_groups, lr=lr, weight_decay=weight_decay)
     return AdamW(parameter_groups, lr=lr, weight_decay=weight_decay, row_sparse=tables)
