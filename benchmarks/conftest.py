@@ -125,8 +125,9 @@ def _write_methods_summary(terminalreporter, config) -> None:
         lines += ["", "Rows: 32 current samples, plus 16 replayed for `er` and `alta` (their default buffer)."]
     if "step_vit_b16" in results:
         rounds = min(row["rounds"] for row in results["step_vit_b16"].values())
-        lines += ["", f"## One training step at ViT-B/16 sizes, task 2 (T = 77, V = 197, batch 64; {rounds} interleaved "
-                  "rounds after a warm-up, 1 thread)", "",
+        rows = min(row["rows"] for row in results["step_vit_b16"].values())
+        lines += ["", f"## One training step at ViT-B/16 sizes, task 2 (T = 77, V = 197, batch {rows}; {rounds} "
+                  "interleaved rounds after a warm-up, 1 thread)", "",
                   "| method | rows per batch | CPU time per step | wall-clock | vs finetune (median of per-round "
                   "CPU-time ratios) |", "|---|---|---|---|---|"]
         for name, row in results["step_vit_b16"].items():
