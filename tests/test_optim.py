@@ -69,6 +69,7 @@ def test_row_sparse_adamw_refuses_what_it_does_not_implement():
         AdamW([table, vector], row_sparse=[vector])
     with pytest.raises(ValueError, match="amsgrad"):
         AdamW([table], row_sparse=[table], amsgrad=True)
+    AdamW([table], amsgrad=True)  # without row-sparse parameters it is torch's AdamW, amsgrad included
 
 
 def test_the_training_optimizer_skips_rows_of_the_token_embedding():

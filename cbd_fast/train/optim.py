@@ -33,7 +33,7 @@ class AdamW(torch.optim.AdamW):
             if p.dim() != 2:
                 raise ValueError(f"row_sparse parameters must be 2-d tables, got shape {tuple(p.shape)}")
         for group in self.param_groups:
-            if group["amsgrad"] or group["maximize"]:
+            if self._row_sparse and (group["amsgrad"] or group["maximize"]):
                 raise ValueError("AdamW with row_sparse parameters supports neither amsgrad nor maximize")
         # rows of each row-sparse parameter whose moments may be nonzero (a superset; recomputed after a load)
         self._active: dict[int, torch.Tensor] = {}
