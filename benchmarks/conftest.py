@@ -123,6 +123,16 @@ def _write_methods_summary(terminalreporter, config) -> None:
             lines.append(f"| {name} | {row['rows']} | {_format_time(row['cpu_s'])} | "
                          f"{_format_time(row['wall_s'])} | {row['ratio']:.2f}× |")
         lines += ["", "Rows: 32 current samples, plus 16 replayed for `er` and `alta` (their default buffer)."]
+    if "step_vit_b16" in results:
+        rounds = min(row["rounds"] for row in results["step_vit_b16"].values())
+        rows = min(row["rows"] for row in results["step_vit_b16"].values())
+        lines += ["", f"## One training step at ViT-B/16 sizes, task 2 (T = 77, V = 197, batch {rows}; {rounds} "
+                  "interleaved rounds after a warm-up, 1 thread)", "",
+                  "| method | rows per batch | CPU time per step | wall-clock | vs finetune (median of per-round "
+                  "CPU-time ratios) |", "|---|---|---|---|---|"]
+        for name, row in results["step_vit_b16"].items():
+            lines.append(f"| {name} | {row['rows']} | {_format_time(row['cpu_s'])} | "
+                         f"{_format_time(row['wall_s'])} | {row['ratio']:.2f}× |")
     if "dime_eval" in results:
         lines += ["", "## Scoring a gallery (tiny-model token sizes) with MaxSim, and with DIME re-ranking each "
                   "caption's and each image's top 16", "",

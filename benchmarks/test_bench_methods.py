@@ -14,6 +14,9 @@ one sweep that runs one full training step (``Trainer._step``: forward, the meth
 AdamW) of every method on the same batch, starting the sweep at a different method each round. Timed with one torch
 thread as process CPU time, which other jobs on a shared machine do not stretch (wall-clock time is recorded too);
 each method's cost is the median over rounds of its step's CPU time divided by ``finetune``'s in the same sweep.
+The same measurement for ``finetune`` and ``cbd`` at ViT-B/16 sizes (the ``vit_b16`` preset, T = 77 text and
+V = 197 image tokens) at batch 16 — two trainers at batch 64 (models, previous-task copies, optimizer state and
+activations) outgrow a 23 GB machine — in two rounds after a warm-up step on two rows.
 
 DIME's evaluation: scoring a gallery of 250 captions × 250 images (tiny-model token sizes T = 32, V = 17, D = 64)
 with MaxSim alone, and with DIME re-ranking each caption's and each image's top 16 (at most (250 + 250)·16 pairs
@@ -49,11 +52,11 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def _task_two_trainer(name: str, output_dir) -> tuple[Trainer, int]:
-    """A trainer of the default config in the state of its second stage, and that stage (``joint`` trains only in
-    its first stage: it stays there)."""
+def _task_two_trainer(name: str, output_dir, overrides: tuple[str, ...] = ()) -> tuple[Trainer, int]:
+    """A trainer of the default config (with ``overrides``) in the state of its second stage, and that stage
+    (``joint`` trains only in its first stage: it stays there)."""
     cfg = config_lib.resolve(config_lib.builtin_config("default"),
-                             [f"method={name}", "device=cpu", f"output_dir={output_dir}", f"name={name}"])
+                             [f"method={name}", "device=cpu", f"output_dir={output_dir}", f"name={name}", *overrides])
     trainer = Trainer(cfg, show_progress=False)
     trainer._start_task(0)
     if not trainer.method.train_tasks(1):
@@ -65,37 +68,62 @@ def _task_two_trainer(name: str, output_dir) -> tuple[Trainer, int]:
     return trainer, 1
 
 
-@pytest.mark.benchmark(group="method step cost (default config, task 2)")
-def test_step_cost_of_every_method(benchmark, methods_record, tmp_path):
-    names = list(METHODS)
+def _interleaved_step_costs(benchmark, methods_record, table: str, names: list[str], output_dir, rounds: int,
+                            overrides: tuple[str, ...] = (), warmup_rows: int | None = None) -> None:
+    """Times one training step of every method in ``names`` on the same batch, ``rounds`` interleaved sweeps after
+    a warm-up sweep (on the first ``warmup_rows`` rows of the batch when given: the optimizer state and the
+    allocator are warm either way), and records each method's CPU time and median ratio to ``finetune``."""
     trainers, stages = {}, {}
     for name in names:
-        trainers[name], stages[name] = _task_two_trainer(name, tmp_path)
+        trainers[name], stages[name] = _task_two_trainer(name, output_dir, overrides)
     batches = {name: next(iter(trainer._batches(stages[name], 0)))[1] for name, trainer in trainers.items()}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     wall: dict[str, list[float]] = {name: [] for name in names}
     sweep = iter(range(10**6))
 
     def one_sweep():
-        start = next(sweep) % len(names)
+        index = next(sweep)
+        start = index % len(names)
         for name in names[start:] + names[:start]:
+            batch = batches[name]
+            if index == 0 and warmup_rows is not None:
+                batch = {key: value[:warmup_rows] for key, value in batch.items()}
             began, began_cpu = time.perf_counter(), time.process_time()
-            terms = trainers[name]._step(batches[name], stages[name], 7)
+            terms = trainers[name]._step(batch, stages[name], 7)
             cpu[name].append(time.process_time() - began_cpu)
             wall[name].append(time.perf_counter() - began)
             assert torch.isfinite(terms.total), name
 
     with single_thread():
-        benchmark.pedantic(one_sweep, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+        benchmark.pedantic(one_sweep, rounds=rounds, warmup_rounds=1, iterations=1)
     if benchmark.disabled:
         return
     for name in names:
         cpu_s, wall_s = cpu[name][1:], wall[name][1:]  # the first sweep was the warm-up
         ratio = statistics.median(t / f for t, f in zip(cpu_s, cpu["finetune"][1:]))
         benchmark.extra_info[f"{name}_vs_finetune"] = round(ratio, 3)
-        methods_record("step", name, dict(cpu_s=statistics.median(cpu_s), wall_s=statistics.median(wall_s),
-                                          ratio=ratio, rows=int(batches[name]["images"].shape[0]),
-                                          rounds=len(cpu_s)))
+        methods_record(table, name, dict(cpu_s=statistics.median(cpu_s), wall_s=statistics.median(wall_s),
+                                         ratio=ratio, rows=int(batches[name]["images"].shape[0]), rounds=len(cpu_s)))
+
+
+@pytest.mark.benchmark(group="method step cost (default config, task 2)")
+def test_step_cost_of_every_method(benchmark, methods_record, tmp_path):
+    _interleaved_step_costs(benchmark, methods_record, "step", list(METHODS), tmp_path, ROUNDS)
+
+
+VIT_B16_ROUNDS = 2  # a CBD step at these sizes takes minutes of CPU time at one thread
+
+
+VIT_B16_BATCH = 16
+
+
+@pytest.mark.benchmark(group=f"cbd step cost at ViT-B/16 sizes (T=77, V=197, batch {VIT_B16_BATCH}, task 2)")
+def test_cbd_step_cost_at_vit_b16_sizes(benchmark, methods_record, tmp_path):
+    """``finetune`` and ``cbd`` with the ViT-B/16 preset (randomly initialised: the cost does not depend on the
+    weights) at batch ``VIT_B16_BATCH``; in the ``--benchmark-disable`` smoke run, at batch 2."""
+    batch = 2 if benchmark.disabled else VIT_B16_BATCH
+    _interleaved_step_costs(benchmark, methods_record, "step_vit_b16", ["finetune", "cbd"], tmp_path,
+                            VIT_B16_ROUNDS, ("model.preset=vit_b16", f"train.batch_size={batch}"), warmup_rows=2)
 
 
 def _gallery(count: int, length: int, dim: int, seed: int, padded: bool) -> TokenFeatures:
@@ -118,8 +146,8 @@ GALLERY = 250  # captions and images; 24 in the --benchmark-disable smoke run
 def test_dime_reranking_cost(benchmark, variant, methods_record, tmp_path):
     from cbd_fast.eval.evaluate import score_blocks
 
-    def gallery_scores(text, image):
-        return score_blocks(iter([(torch.arange(text.tokens.shape[0]), text)]), image, text.tokens.shape[0])
+    def gallery_scores(text, image):  # evaluation's MaxSim scoring, all captions in one block
+        return score_blocks([(torch.arange(text.tokens.shape[0]), text)], image, text.tokens.shape[0])
 
     trainer, _ = _task_two_trainer("dime", tmp_path)
     size = 24 if benchmark.disabled else GALLERY

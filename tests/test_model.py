@@ -113,6 +113,33 @@ def test_prompt_selection_per_sample_and_active_slots():
         pool.set_num_active(5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prompt_gradients_sum_the_samples_in_order(threads):
+    """Prompt and key gradients are the in-order sum of the samples' gradients at ViT-B sizes, at any thread count
+    (the bits of a run do not depend on how the backward was scheduled)."""
+    gen = torch.Generator().manual_seed(0)
+    pool = PromptPool(pool_size=10, length=5, width=768, key_dim=512)
+    index = torch.randint(0, 3, (64,), generator=gen)
+    upstream = torch.randn(64, 5, 768, generator=gen)
+    query = torch.randn(64, 512, generator=gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        (pool(index) * upstream).sum().backward()
+        _, pull = pool.select(query, task_id=index)
+        (pull * len(index)).backward()  # the mean's 1/64 and this 64 are exact: the sum of the per-sample cosines
+    finally:
+        torch.set_num_threads(previous)
+    gathered = pool.keys.detach()[index].requires_grad_()  # one row per sample: the per-sample gradients
+    F.cosine_similarity(query, gathered, dim=-1).sum().backward()
+    expected_prompts, expected_keys = torch.zeros_like(pool.prompts), torch.zeros_like(pool.keys)
+    for b, slot in enumerate(index.tolist()):
+        expected_prompts[slot] += upstream[b]
+        expected_keys[slot] += gathered.grad[b]
+    assert torch.equal(pool.prompts.grad, expected_prompts)
+    assert torch.equal(pool.keys.grad, expected_keys)
+
+
 def test_prompt_selection_train_and_oracle():
     pool = _pool_with_axis_keys()
     query = torch.randn(5, 4, requires_grad=True)

@@ -72,12 +72,16 @@ class PromptPool(nn.Module):
             # Mask rather than slice the inactive slots: no device-to-host read of num_active.
             inactive = torch.arange(self.pool_size, device=query.device) >= self.num_active
             index = cosine.masked_fill(inactive, float("-inf")).argmax(dim=-1)
-        pull_loss = F.cosine_similarity(query.to(self.keys.dtype), self.keys[index], dim=-1).mean()
+        pull_loss = F.cosine_similarity(query.to(self.keys.dtype), self.keys.index_select(0, index), dim=-1).mean()
         return index, pull_loss
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        """Prompt tokens of the selected slots: ``index[B]`` -> ``[B, length, width]``."""
-        return self.prompts[index]
+        """Prompt tokens of the selected slots: ``index[B]`` -> ``[B, length, width]``.
+
+        ``index_select`` rather than ``prompts[index]``: its backward adds the samples' gradients into their slot
+        in sample order (``index_add_``), so the gradient is the same bits at any thread count (the backward of
+        advanced indexing sums them in another order)."""
+        return self.prompts.index_select(0, index)
 
     def extra_repr(self) -> str:
         return f"pool_size={self.pool_size}, length={self.length}, width={self.prompts.shape[-1]}, " \
