@@ -256,7 +256,8 @@ RULES: dict[str, Rule] = {
     "train.bf16": _choice("auto", True, False),
     "train.prompt_query": _choice("old_model", "prompt_free"),
     "train.accumulate": _integer(1),
-    "train.checkpoint_every_steps": _integer(0),  # 0: per epoch only
+    "train.checkpoint_interval_s": _number(),
+    "train.checkpoint_every_steps": _integer(0),  # 0: at epoch and task ends only
     "train.keep_checkpoints": _integer(1),
     "train.replay.strategy": _choice("reservoir", "per_task", "none"),
     "train.replay.size": _integer(0),
@@ -314,7 +315,8 @@ def dump(config: dict) -> str:
 # Keys that may change when a run is resumed: where its outputs go, what it runs on, how its data is loaded and
 # how often it is saved. (A different device, thread count or number of processes gives results that are not
 # bit-identical to an uninterrupted run; the trainer warns.)
-RESUMABLE_KEYS = ("name", "output_dir", "device", "threads", "data.workers", "train.checkpoint_every_steps",
+RESUMABLE_KEYS = ("name", "output_dir", "device", "threads", "data.workers", "train.checkpoint_interval_s",
+                  "train.checkpoint_every_steps",
                   "train.keep_checkpoints", "logging.tensorboard")
 
 

@@ -33,6 +33,7 @@ TINY = {
     "model": {"preset": "tiny"},
     "data": {"scenario": "synthetic", "num_tasks": 2, "train_per_class": 6, "test_per_class": 4},
     "train": {"epochs": 2, "batch_size": 8, "warmup_steps": 2, "accumulate": 2, "lr": 5e-4,
+              "checkpoint_interval_s": 0,  # a checkpoint after every epoch, whatever the machine's speed
               "replay": {"strategy": "reservoir", "size": 16, "batch_size": 4}},
     "method": "lwf",
     "method_args": {"temperature": 0.2},
@@ -184,7 +185,9 @@ def test_kill_9_of_the_whole_job_resumes_exactly_with_any_worker_count(runs):
     """The run with 2 DataLoader workers per rank, killed in task 2 and resumed, ends bitwise where the
     uninterrupted run with 0 workers ends: the resume is exact and the batches do not depend on the workers."""
     tmp_path, killed_at = runs
-    assert killed_at is not None and killed_at[0] == 1 and killed_at[2] > 0, killed_at  # mid-epoch of task 2
+    # inside task 2: the kill follows a step checkpoint there, usually mid-epoch, but on a busy machine the epoch's
+    # end may be written before the kill lands (mid-epoch resume from a step checkpoint: the test below)
+    assert killed_at is not None and killed_at[0] == 1 and killed_at[1:] != (0, 0), killed_at
     log = (tmp_path / "cbd_killed.log").read_text()
     assert "resuming" in log and "task 2/2" in log
     reference, resumed = _model(tmp_path, "cbd"), _model(tmp_path, "cbd_killed")

@@ -1,4 +1,4 @@
-"""When the loop writes its checkpoint (task ends, and at most ``Trainer.checkpoint_interval_s`` apart between them),
+"""When the loop writes its checkpoint (task ends, and at most ``train.checkpoint_interval_s`` apart between them),
 and that a run killed with SIGKILL between two checkpoints resumes to the uninterrupted run's results exactly."""
 import os
 import pathlib
@@ -27,22 +27,22 @@ KILLER = """
 import os, signal, sys
 from cbd_fast.train.loop import Trainer
 from cbd_fast import config as config_lib
-Trainer.checkpoint_interval_s = float(sys.argv[3])
 calls = 0
-step = Trainer._step
-def dying_step(self, *args, **kwargs):
+backward = Trainer._backward  # once per batch (train.accumulate = 1: once per optimizer step)
+def dying_backward(self, *args, **kwargs):
     global calls
     calls += 1
     if calls == int(sys.argv[2]):
         os.kill(os.getpid(), signal.SIGKILL)
-    return step(self, *args, **kwargs)
-Trainer._step = dying_step
+    return backward(self, *args, **kwargs)
+Trainer._backward = dying_backward
 Trainer(config_lib.load_yaml(sys.argv[1]), show_progress=False).run()
 """
 
 
-def _config(tmp_path: pathlib.Path, name: str) -> dict:
-    return config_lib.resolve(dict(SMALL, name=name, output_dir=str(tmp_path / "runs")), warn=False)
+def _config(tmp_path: pathlib.Path, name: str, interval: float = 30.0) -> dict:
+    train = dict(SMALL["train"], checkpoint_interval_s=interval)
+    return config_lib.resolve(dict(SMALL, name=name, output_dir=str(tmp_path / "runs"), train=train), warn=False)
 
 
 def _saved_positions(monkeypatch, tmp_path, interval: float) -> list[tuple[int, int]]:
@@ -51,8 +51,7 @@ def _saved_positions(monkeypatch, tmp_path, interval: float) -> list[tuple[int, 
     monkeypatch.setattr(checkpoint, "save_atomic",
                         lambda state, path: (saved.append((state["next_task"], state["next_epoch"])),
                                              real(state, path)))
-    monkeypatch.setattr(Trainer, "checkpoint_interval_s", interval)
-    Trainer(_config(tmp_path, f"every_{interval}"), show_progress=False).run()
+    Trainer(_config(tmp_path, f"every_{interval}", interval), show_progress=False).run()
     return saved
 
 
@@ -69,10 +68,10 @@ def test_sigkill_between_checkpoints_resumes_exactly(tmp_path):
     kill_at = 3 * full._steps_per_epoch(0) + full._steps_per_epoch(1) + 2  # task 2, epoch 2, step 2
     # a long interval: the last checkpoint is task 1's end; none: task 2's first epoch
     for interval, resumes_at in ((3600.0, (1, 0)), (0.0, (1, 1))):
-        config = _config(tmp_path, f"killed_{interval}")
+        config = _config(tmp_path, f"killed_{interval}", interval)
         path = tmp_path / "killed.yaml"
         path.write_text(config_lib.dump(config))
-        child = subprocess.run([sys.executable, "-c", KILLER, str(path), str(kill_at), str(interval)],
+        child = subprocess.run([sys.executable, "-c", KILLER, str(path), str(kill_at)],
                                capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         assert child.returncode == -signal.SIGKILL, child.stderr
         state = checkpoint.load(tmp_path / "runs" / config["name"] / "checkpoints" / "last.pt")

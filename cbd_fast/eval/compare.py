@@ -33,8 +33,11 @@ import yaml
 from .metrics import METRIC_NAMES
 from .report import save_figure, write_file
 
-# Config keys that do not change what a run computes: a group may differ in these.
-NON_DEFINING_KEYS = ("name", "seed", "output_dir", "device", "threads", "eval.batch_size")
+# Config keys that do not change what a run computes: a group may differ in these (with the thread count, device and
+# number of processes only in last bits, which training amplifies: see the README on threads).
+NON_DEFINING_KEYS = ("name", "seed", "output_dir", "device", "threads", "eval.batch_size", "data.workers",
+                     "train.checkpoint_interval_s", "train.checkpoint_every_steps", "train.keep_checkpoints",
+                     "logging.tensorboard")
 # (gallery, summary, column title) of the table; values of the chosen metric
 COLUMNS = (("per_task", "final_average", "Avg"), ("per_task", "learning_accuracy", "LA"),
            ("per_task", "forgetting", "F"), ("per_task", "backward_transfer", "BWT"),

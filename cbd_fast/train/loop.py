@@ -73,13 +73,11 @@ class Trainer:
     """Runs a config (:func:`cbd_fast.config.resolve` completes a partial one from the defaults and checks it) and
     writes everything under ``output_dir/name``.
 
-    The checkpoint is written at the end of every task and after any epoch that ends ``checkpoint_interval_s``
+    The checkpoint is written at the end of every task and after any epoch that ends ``train.checkpoint_interval_s``
     seconds or more after the last write (a 55 MB fsync'd write after each of the default run's one-second
     epochs was 4 % of its time), and every ``train.checkpoint_every_steps`` optimizer steps when that is set; a run
     stopped by ``stop_after_epochs`` saves where it stops. In a distributed run each rank keeps its own clock, but
     only rank 0's decisions write anything."""
-
-    checkpoint_interval_s: float = 30.0
 
     def __init__(self, config: dict[str, Any], *, show_progress: bool = True, stop_after_epochs: int | None = None):
         config = config_lib.resolve(config, warn=False)  # cbd-train resolved (and warned about) it already
@@ -406,9 +404,9 @@ class Trainer:
                               loss_history=self.loss_history)
 
     def _checkpoint_due(self) -> bool:
-        """True once ``checkpoint_interval_s`` seconds have passed since the last checkpoint (or the start of
+        """True once ``train.checkpoint_interval_s`` seconds have passed since the last checkpoint (or the start of
         :meth:`run`): with task ends always saved, a killed run loses at most that long plus one epoch."""
-        return time.monotonic() - self._saved_clock >= self.checkpoint_interval_s
+        return time.monotonic() - self._saved_clock >= self.train_cfg["checkpoint_interval_s"]
 
     def _save(self) -> None:
         """Rank 0 writes the checkpoint (``checkpoints/last.pt``, atomically) and keeps the newest
