@@ -30,14 +30,14 @@ from typing import Any
 
 import yaml
 
+from ..config import RESUMABLE_KEYS
 from .metrics import METRIC_NAMES
 from .report import save_figure, write_file
 
-# Config keys that do not change what a run computes: a group may differ in these (with the thread count, device and
-# number of processes only in last bits, which training amplifies: see the README on threads).
-NON_DEFINING_KEYS = ("name", "seed", "output_dir", "device", "threads", "eval.batch_size", "data.workers",
-                     "train.checkpoint_interval_s", "train.checkpoint_every_steps", "train.keep_checkpoints",
-                     "logging.tensorboard")
+# Config keys that do not change what a run computes: a group may differ in these — the keys a resume may change,
+# the seed and the evaluation batch size (the thread count, device and number of processes change only last bits,
+# which training amplifies: see the README on threads).
+NON_DEFINING_KEYS = (*RESUMABLE_KEYS, "seed", "eval.batch_size")
 # (gallery, summary, column title) of the table; values of the chosen metric
 COLUMNS = (("per_task", "final_average", "Avg"), ("per_task", "learning_accuracy", "LA"),
            ("per_task", "forgetting", "F"), ("per_task", "backward_transfer", "BWT"),
