@@ -11,6 +11,11 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(__file__))  # brute_force.py and helpers
 
+# Child interpreters (torchrun, kill -9 and Ctrl-C probes) start in the checkout's root. Without this, `python -c`
+# and `python -m` put that folder first on sys.path and import the unbuilt source tree instead of the installed
+# package (CI installs non-editable).
+os.environ["PYTHONSAFEPATH"] = "1"
+
 import cbd_fast  # noqa: E402
 
 requires_extension = pytest.mark.skipif(not cbd_fast.has_extension(), reason="cbd_fast._C not built")
