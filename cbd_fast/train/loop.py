@@ -30,6 +30,7 @@ from ..eval.report import build_document, write_reports
 from ..methods import create_method
 from ..model import create_model
 from . import checkpoint
+from .allocator import keep_freed_memory
 from .data_loader import StepDataset, collate, derived_seed, epoch_plan, make_loader, to_device
 from .distributed import Distributed, launch_environment
 from .optim import create_optimizer
@@ -88,6 +89,8 @@ class Trainer:
         self.dist = Distributed.from_environment(self.device)
         if config["threads"] != "auto":
             torch.set_num_threads(config["threads"])
+        if self.device.type == "cpu":
+            keep_freed_memory()  # every step frees and reallocates the same large buffers (allocator.py)
         self.threads = torch.get_num_threads()
         self.show_progress = show_progress
         self.stop_after_epochs = stop_after_epochs  # for tests: simulate an interruption after N epochs
