@@ -136,11 +136,11 @@ def _metrics(offset: float) -> dict:
     return {"t2i_R@1": 10 + offset, "i2t_R@1": 20 + offset, "mean_R@1": 15 + offset, "t2i_MedR": 3.0}
 
 
-def _fake_run(root, name, seed, lr, rows, tasks=("t0", "t1")):
+def _fake_run(root, name, seed, lr, rows, tasks=("t0", "t1"), **config_keys):
     """A run folder as cbd-train writes it, with hand-made evaluation rows (offsets of mean_R@1 - 15)."""
     run = root / name
     run.mkdir(parents=True)
-    config = config_lib.resolve({"name": name, "seed": seed, "train": {"lr": lr}})
+    config = config_lib.resolve({"name": name, "seed": seed, "train": {"lr": lr}, **config_keys})
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     results = [{"per_task": [_metrics(v) for v in row], "cumulative": [_metrics(v - 5) for v in row], "seconds": 1.0}
                for row in rows]
@@ -218,6 +218,27 @@ def test_cbd_report_pairs_each_method_with_the_baseline_seed_by_seed(tmp_path, c
     assert "--baseline 'er' is not a group; groups: " in capsys.readouterr().err
     assert compare.main([*map(str, three), "--out", str(tmp_path / "r"), "--baseline", "none"]) == 0
     assert "Paired against" not in capsys.readouterr().out
+
+
+def test_cbd_report_joins_a_weight_sweep_into_a_curve(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    rows = [[0, 0], [40, 5], [30, 50]]  # Avg 55, F 10
+    for name, args in (("cbd", {}), ("cbd_w0.3", dict(sample=0.3, token=0.3, banzhaf=0.3)),
+                       ("cbd_w3", dict(sample=3, token=3, banzhaf=3)),
+                       ("cbd_no_banzhaf", dict(banzhaf=0)),  # an ablation, not a multiple of the defaults
+                       ("cbd_mixed", dict(sample=0.3, token=0.1, banzhaf=0.3)),
+                       ("lwf_w3", dict(weight=3.0)), ("lwf", {})):
+        method = name.split("_")[0]
+        _fake_run(runs, f"{name}_s0", 0, 1e-3, rows, method=method, method_args=args)
+    _fake_run(runs, "cbd_lr_s0", 0, 2e-3, rows, method="cbd", method_args={"banzhaf": 3.0})  # another lr, alone
+    report = compare.build_report(sorted(runs.iterdir()))
+    curves = [[(scale, report.groups[index].method) for scale, index in curve]
+              for curve in compare.sweep_curves(report)]
+    assert sorted(curves) == [[(0.3, "cbd_w0.3"), (1.0, "cbd"), (3.0, "cbd_w3")], [(1.0, "lwf"), (3.0, "lwf_w3")]]
+    assert compare.main([*map(str, sorted(runs.iterdir())), "--out", str(tmp_path / "r")]) == 0
+    markdown = capsys.readouterr().out
+    assert ("- synthetic (2 tasks), cbd: ×0.3 (cbd_w0.3): 55.0 / 10.0; ×1 (cbd): 55.0 / 10.0; ×3 (cbd_w3): 55.0 / "
+            "10.0") in markdown
 
 
 def test_cbd_report_without_finished_runs(tmp_path, capsys):

@@ -21,6 +21,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import pathlib
 import re
 import statistics
@@ -284,6 +285,23 @@ def paired_markdown(report: Report, baseline: str) -> list[str]:
     return lines
 
 
+def sweep_markdown(report: Report) -> list[str]:
+    """One line per weight sweep (:func:`sweep_curves`): the groups in order of scale with Avg and F."""
+    if not (curves := sweep_curves(report)):
+        return []
+    lines = ["Weight sweeps (each method's loss weights at a multiple × of its defaults; joined in the plot): "
+             "Avg / F per multiple, means over seeds."]
+    for curve in curves:
+        first = report.groups[curve[0][1]]
+        points = []
+        for scale, index in curve:
+            (avg, _), (forget, _) = report.cells[index][0], report.cells[index][2]
+            points.append(f"×{scale:g} ({report.groups[index].method}): {_cell(avg, None, 1)} / "
+                          f"{_cell(forget, None, 1)}")
+        lines.append(f"- {first.scenario}, {first.runs[0].config['method']}: " + "; ".join(points))
+    return lines
+
+
 def to_markdown(report: Report, baseline: str | None = None) -> str:
     header = ["scenario", "method", "seeds", *report.headers]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -292,6 +310,9 @@ def to_markdown(report: Report, baseline: str | None = None) -> str:
         lines.append("| " + " | ".join([group.scenario, group.method, _seeds(group), *cells]) + " |")
     for paragraph in legend(report):
         lines += ["", paragraph]
+    sweeps = sweep_markdown(report)
+    if sweeps:
+        lines += ["", *sweeps]
     paired = paired_markdown(report, baseline) if baseline else []
     if paired:
         lines += ["", *paired]
@@ -334,6 +355,43 @@ def to_latex(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_scale(config: dict[str, Any]) -> float | None:
+    """The common multiple ``s`` of the method's defaults that a run's ``sweep_weights`` are set to (every one of
+    them ``s`` times its default), or None (the method has no sweep weights, or they are not one multiple)."""
+    from ..methods import METHODS
+
+    keys, args = _sweep_keys(config), config.get("method_args") or {}
+    defaults = METHODS[config["method"]].defaults if keys else {}
+    if not keys or any(not defaults[key] or not isinstance(args.get(key), (int, float)) for key in keys):
+        return None
+    scales = [args[key] / defaults[key] for key in keys]
+    return scales[0] if scales[0] > 0 and all(math.isclose(x, scales[0], rel_tol=1e-9) for x in scales) else None
+
+
+def sweep_curves(report: Report) -> list[list[tuple[float, int]]]:
+    """Groups of one scenario and method that differ only in a common scale of the method's sweep weights (at two
+    scales or more): each curve as ``[(scale, index into report.groups)]`` in increasing scale."""
+    families: dict[str, list[tuple[float, int]]] = {}
+    for index, group in enumerate(report.groups):
+        config = group.runs[0].config
+        scale = sweep_scale(config)
+        if scale is None:
+            continue
+        sweep_keys = {f"method_args.{key}" for key in _sweep_keys(config)}
+        rest = {k: v for k, v in _defining(config).items() if k not in sweep_keys}
+        families.setdefault(json.dumps([group.scenario, rest], sort_keys=True, default=str), []).append(
+            (scale, index))
+    return [sorted(members) for members in families.values() if len({scale for scale, _ in members}) > 1]
+
+
+def _sweep_keys(config: dict[str, Any]) -> tuple[str, ...]:
+    """The method's ``sweep_weights`` (none for an unknown method)."""
+    from ..methods import METHODS
+
+    cls = METHODS.get(config.get("method"))
+    return cls.sweep_weights if cls is not None else ()
+
+
 def plot_stability_plasticity(report: Report, path: pathlib.Path) -> None:
     """Final average (plasticity and retention) against forgetting (stability), per scenario."""
     import matplotlib
@@ -342,7 +400,7 @@ def plot_stability_plasticity(report: Report, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     scenarios = list(dict.fromkeys(group.scenario for group in report.groups)) or ["no finished runs"]
-    fig, axes = plt.subplots(1, len(scenarios), squeeze=False, figsize=(5.2 * len(scenarios), 4.2))
+    fig, axes = plt.subplots(1, len(scenarios), squeeze=False, figsize=(7.4 * len(scenarios), 4.6))
     for ax, scenario in zip(axes[0], scenarios):
         for index, (group, row) in enumerate(zip(report.groups, report.cells)):
             if group.scenario != scenario:
@@ -356,13 +414,24 @@ def plot_stability_plasticity(report: Report, path: pathlib.Path) -> None:
             if avg is not None and forget is not None:
                 ax.errorbar(forget, avg, xerr=forget_std or 0.0, yerr=avg_std or 0.0, fmt="o", color=color,
                             capsize=3, markersize=6, label=f"{group.method} (n={len(group.runs)})")
+        for curve in sweep_curves(report):  # a method's weight sweep: its group means joined in order of scale
+            if report.groups[curve[0][1]].scenario != scenario:
+                continue
+            means = [(report.cells[index][2][0], report.cells[index][0][0], scale) for scale, index in curve]
+            means = [m for m in means if None not in m]
+            color = f"C{curve[-1][1] % 10}"
+            ax.plot([m[0] for m in means], [m[1] for m in means], "-", color=color, alpha=0.6, linewidth=1.2)
+            for forget, avg, scale in means:
+                ax.annotate(f"×{scale:g}", (forget, avg), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                            color=color)
         ax.set_xlabel(f"forgetting, {report.metric} (lower = more stable)")
         ax.set_ylabel(f"final average, {report.metric}")
         ax.set_title(scenario, fontsize=9)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle("stability–plasticity: runs (small) and group mean ± std over seeds", fontsize=10)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("stability–plasticity: runs (small), group mean ± std over seeds\nlines join a method's weight "
+                 "sweep (×: multiple of its default loss weights)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

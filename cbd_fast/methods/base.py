@@ -183,6 +183,9 @@ class Method(nn.Module):
       numeric argument must be >= 0.
     * ``replay``: ``"optional"`` (uses ``train.replay`` as configured), ``"required"`` (with
       ``train.replay.strategy: none`` the method brings ``REQUIRED_REPLAY``) or ``"forbidden"``.
+    * ``sweep_weights``: the loss weights that set its stability–plasticity trade-off, scaled together by a sweep:
+      ``cbd-report`` draws runs whose weights are one common multiple of these defaults (all else equal) as one
+      curve.
 
     Hooks the loop calls: :meth:`train_tasks`, :meth:`start_task` (also again after a mid-task resume: it must
     be idempotent), :meth:`parameter_groups`, :meth:`losses`, :meth:`end_task` (after the evaluation, the
@@ -196,6 +199,7 @@ class Method(nn.Module):
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     positive: ClassVar[tuple[str, ...]] = ()
     replay: ClassVar[str] = "optional"
+    sweep_weights: ClassVar[tuple[str, ...]] = ()
     REQUIRED_REPLAY: ClassVar[dict[str, Any]] = {"strategy": "reservoir", "size": 128, "batch_size": 16}
 
     def __init__(self, args: dict[str, Any], trainer) -> None:

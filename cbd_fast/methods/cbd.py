@@ -32,6 +32,7 @@ class CBD(Method):
     """
 
     name = "cbd"
+    sweep_weights = ("sample", "token", "banzhaf")
     defaults = dict(Method.defaults, sample=1.0, sample_temperature=0.05, token=1.0, token_kind="mse",
                     token_temperature=0.1, banzhaf=1.0, banzhaf_source="estimator", banzhaf_samples=64,
                     banzhaf_estimator="paired", banzhaf_temperature=0.01, module_hidden=32)

@@ -181,6 +181,7 @@ class DIME(Method):
     """
 
     name = "dime"
+    sweep_weights = ("lwf",)
     defaults = dict(Method.defaults, rank=1.0, margin=0.2, path=0.5, lwf=1.0, lwf_temperature=0.05, layers=3,
                     heads=4, i2t_temperature=4.0, t2i_temperature=9.0, train_negatives=4, rerank_top_k=16,
                     rerank_chunk=256)

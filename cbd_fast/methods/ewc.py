@@ -38,6 +38,7 @@ class EWC(Method):
     """
 
     name = "ewc"
+    sweep_weights = ("weight",)
     defaults = dict(Method.defaults, weight=1000.0, decay=1.0)
 
     def __init__(self, args, trainer):

@@ -53,6 +53,7 @@ class ICSD(Method):
     """
 
     name = "icsd"
+    sweep_weights = ("soft", "internal")
     defaults = dict(Method.defaults, soft=0.15, internal=0.3, soft_temperature=1.0, cross_temperature_init=0.45,
                     cross_temperature_min=0.1, cross_temperature_max=0.99, teacher="previous")
     choices = {"teacher": ("previous", "initial")}

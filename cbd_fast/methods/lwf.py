@@ -19,6 +19,7 @@ class LwF(Method):
     """
 
     name = "lwf"
+    sweep_weights = ("weight",)
     defaults = dict(Method.defaults, weight=1.0, temperature=0.05)
     positive = ("temperature",)
 

@@ -50,6 +50,7 @@ class ModX(Method):
     """
 
     name = "modx"
+    sweep_weights = ("weight",)
     defaults = dict(Method.defaults, weight=20.0, temperature=1.0)
     positive = ("temperature",)
 

@@ -74,6 +74,7 @@ class RVLR(Method):
     """
 
     name = "rvlr"
+    sweep_weights = ("iic", "ttc", "kd", "kdi", "kdt")
     defaults = dict(Method.defaults, iic=1.0, ttc=2.0, kd=2.0, kdi=1.0, kdt=1.0, temperature=0.07,
                     relation_temperature=0.07, mix_init=0.5)
     positive = ("temperature", "relation_temperature")
