@@ -78,3 +78,24 @@ def test_the_training_optimizer_skips_rows_of_the_token_embedding():
     model = create_model({"preset": "tiny"})
     optimizer = create_optimizer(model, [{"params": list(model.parameters())}], 1e-3, 0.05)
     assert [id(p) for p in optimizer._row_sparse] == [id(model.text.token_embedding.weight)]
+
+
+def test_rows_with_only_negative_zero_or_nan_gradients_match_torch():
+    """The active-row test sees a row whose gradient is all ≤ 0 (its max is 0), leaves a row of -0.0 inactive and
+    treats NaN as active, as torch's arithmetic does."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4)
+    grad = torch.zeros(6, 4)
+    grad[1, 2] = -0.5                     # only a negative entry
+    grad[2] = -0.0                        # negative zeros: AdamW gives the decay alone
+    grad[3, 0], grad[3, 1] = 0.25, -0.75  # both signs
+    grad[4, 3] = float("nan")
+    ours_param, theirs_param = nn.Parameter(weight.clone()), nn.Parameter(weight.clone())
+    ours = AdamW([ours_param], row_sparse=[ours_param], lr=0.1, weight_decay=0.05)
+    theirs = torch.optim.AdamW([theirs_param], foreach=False, lr=0.1, weight_decay=0.05)
+    for step in range(2):
+        for param, optimizer in ((ours_param, ours), (theirs_param, theirs)):
+            param.grad = grad.clone() if step == 0 else torch.zeros_like(grad)
+            optimizer.step()
+        torch.testing.assert_close(ours_param.detach(), theirs_param.detach(), rtol=0, atol=0, equal_nan=True)
+    assert ours._active[id(ours_param)].tolist() == [False, True, False, True, True, False]

@@ -68,8 +68,10 @@ class AdamW(torch.optim.AdamW):
         active = self._active.get(id(param))
         if active is None:
             active = (exp_avg != 0).any(1) | (exp_avg_sq != 0).any(1)
-        active |= grad.abs().amax(1) != 0  # (faster than grad.any(1)); a row of ±0 gradients leaves it inactive
-        # (exact: AdamW maps a zero state and a ±0 gradient to zero moments and the decay alone); NaN is active
+        # rows with a gradient other than ±0; two reductions, no temporary the table's size (abs().amax() wrote one)
+        active |= (grad.amax(1) != 0) | (grad.amin(1) != 0)  # NaN propagates: active
+        # (a row of ±0 gradients stays inactive, exactly: AdamW maps a zero state and a ±0 gradient to zero moments
+        # and the decay alone)
         self._active[id(param)] = active
         rows = active.nonzero().squeeze(1)
         gathered = [t.index_select(0, rows) for t in (param, exp_avg, exp_avg_sq)]
