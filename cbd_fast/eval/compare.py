@@ -412,7 +412,8 @@ def plot_stability_plasticity(report: Report, path: pathlib.Path) -> None:
             ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, alpha=0.35, color=color)
             (avg, avg_std), (forget, forget_std) = row[0], row[2]
             if avg is not None and forget is not None:
-                ax.errorbar(forget, avg, xerr=forget_std or 0.0, yerr=avg_std or 0.0, fmt="o", color=color,
+                marker = "osD^v"[index // 10 % 5]  # 10 colours: groups beyond them differ in marker
+                ax.errorbar(forget, avg, xerr=forget_std or 0.0, yerr=avg_std or 0.0, fmt=marker, color=color,
                             capsize=3, markersize=6, label=f"{group.method} (n={len(group.runs)})")
         for curve in sweep_curves(report):  # a method's weight sweep: its group means joined in order of scale
             if report.groups[curve[0][1]].scenario != scenario:
