@@ -355,16 +355,22 @@ def to_latex(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sweep_method(config: dict[str, Any]):
+    """The run's method class when it has ``sweep_weights``, else None (no sweep weights, or an unknown method)."""
+    from ..methods import METHODS
+
+    cls = METHODS.get(config.get("method"))
+    return cls if cls is not None and cls.sweep_weights else None
+
+
 def sweep_scale(config: dict[str, Any]) -> float | None:
     """The common multiple ``s`` of the method's defaults that a run's ``sweep_weights`` are set to (every one of
     them ``s`` times its default), or None (the method has no sweep weights, or they are not one multiple)."""
-    from ..methods import METHODS
-
-    keys, args = _sweep_keys(config), config.get("method_args") or {}
-    defaults = METHODS[config["method"]].defaults if keys else {}
-    if not keys or any(not defaults[key] or not isinstance(args.get(key), (int, float)) for key in keys):
+    cls, args = _sweep_method(config), config.get("method_args") or {}
+    if cls is None or any(not cls.defaults[key] or not isinstance(args.get(key), (int, float))
+                          for key in cls.sweep_weights):
         return None
-    scales = [args[key] / defaults[key] for key in keys]
+    scales = [args[key] / cls.defaults[key] for key in cls.sweep_weights]
     return scales[0] if scales[0] > 0 and all(math.isclose(x, scales[0], rel_tol=1e-9) for x in scales) else None
 
 
@@ -377,19 +383,11 @@ def sweep_curves(report: Report) -> list[list[tuple[float, int]]]:
         scale = sweep_scale(config)
         if scale is None:
             continue
-        sweep_keys = {f"method_args.{key}" for key in _sweep_keys(config)}
+        sweep_keys = {f"method_args.{key}" for key in _sweep_method(config).sweep_weights}
         rest = {k: v for k, v in _defining(config).items() if k not in sweep_keys}
         families.setdefault(json.dumps([group.scenario, rest], sort_keys=True, default=str), []).append(
             (scale, index))
     return [sorted(members) for members in families.values() if len({scale for scale, _ in members}) > 1]
-
-
-def _sweep_keys(config: dict[str, Any]) -> tuple[str, ...]:
-    """The method's ``sweep_weights`` (none for an unknown method)."""
-    from ..methods import METHODS
-
-    cls = METHODS.get(config.get("method"))
-    return cls.sweep_weights if cls is not None else ()
 
 
 def plot_stability_plasticity(report: Report, path: pathlib.Path) -> None:
@@ -400,6 +398,7 @@ def plot_stability_plasticity(report: Report, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     scenarios = list(dict.fromkeys(group.scenario for group in report.groups)) or ["no finished runs"]
+    curves = sweep_curves(report)
     fig, axes = plt.subplots(1, len(scenarios), squeeze=False, figsize=(7.4 * len(scenarios), 4.6))
     for ax, scenario in zip(axes[0], scenarios):
         for index, (group, row) in enumerate(zip(report.groups, report.cells)):
@@ -415,7 +414,7 @@ def plot_stability_plasticity(report: Report, path: pathlib.Path) -> None:
                 marker = "osD^v"[index // 10 % 5]  # 10 colours: groups beyond them differ in marker
                 ax.errorbar(forget, avg, xerr=forget_std or 0.0, yerr=avg_std or 0.0, fmt=marker, color=color,
                             capsize=3, markersize=6, label=f"{group.method} (n={len(group.runs)})")
-        for curve in sweep_curves(report):  # a method's weight sweep: its group means joined in order of scale
+        for curve in curves:  # a method's weight sweep: its group means joined in order of scale
             if report.groups[curve[0][1]].scenario != scenario:
                 continue
             means = [(report.cells[index][2][0], report.cells[index][0][0], scale) for scale, index in curve]
