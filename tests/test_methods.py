@@ -413,3 +413,70 @@ def test_dime_gradients_are_run_to_run_identical_with_two_threads(tmp_path):
         scores, _ = method.pair_scores(text, image, rows, columns)
         gradients.append(torch.autograd.grad(scores.sum(), (text.tokens, image.tokens)))
     assert all(torch.equal(g[0], gradients[0][0]) and torch.equal(g[1], gradients[0][1]) for g in gradients)
+
+
+# --- the frozen model's text features, kept per caption -----------------------------------------------------------
+
+def _cached_and_fresh(trainer, batch):
+    from cbd_fast.methods.frozen_text import FrozenTextCache
+    cache = FrozenTextCache(trainer.old_model)
+    return cache, cache.lookup(batch["ids"], batch["mask"]), cache.encode(batch["ids"], batch["mask"])
+
+
+def _same(a, b):
+    (qa, ta), (qb, tb) = a, b
+    return torch.equal(qa, qb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+def test_frozen_text_cache_gives_the_bits_of_a_fresh_encode(tmp_path):
+    trainer = after_first_task(make_trainer(tmp_path, "cbd"))
+    perturb(trainer.old_model)  # prompts chosen by key matching, not all the same slot
+    batch = first_batch(trainer, 1)
+    cache, looked_up, fresh = _cached_and_fresh(trainer, batch)
+    assert cache.enabled and _same(looked_up, fresh)
+    assert len(cache.rows) == len({bytes(r.numpy()) for r in batch["ids"]}) > 0
+    # another grouping of cached and new captions: every row as a fresh encode of that batch gives it
+    other = first_batch(trainer, 0, epoch=1)
+    mixed = {key: torch.cat([batch[key][:3], other[key]]) for key in ("ids", "mask")}
+    assert _same(cache.lookup(mixed["ids"], mixed["mask"]), cache.encode(mixed["ids"], mixed["mask"]))
+    # a budget too small for one row keeps nothing and still gives the same features
+    from cbd_fast.methods.frozen_text import FrozenTextCache
+    small = FrozenTextCache(trainer.old_model, max_bytes=16)
+    assert _same(small.lookup(mixed["ids"], mixed["mask"]), cache.encode(mixed["ids"], mixed["mask"]))
+    assert small.rows == {} and small.bytes == 0
+
+
+def test_frozen_text_cache_keeps_nothing_when_a_caption_depends_on_its_batch(tmp_path, monkeypatch):
+    trainer = after_first_task(make_trainer(tmp_path, "cbd"))
+    batch = first_batch(trainer, 1)
+    encode_text = trainer.old_model.encode_text
+
+    def batch_dependent(ids, mask, prompt_index=None):  # as a library that blocks products by row count might
+        out = encode_text(ids, mask, prompt_index=prompt_index)
+        return out._replace(tokens=out.tokens + 1e-7 * ids.shape[0])
+
+    monkeypatch.setattr(trainer.old_model, "encode_text", batch_dependent)
+    cache, looked_up, fresh = _cached_and_fresh(trainer, batch)
+    assert cache.enabled is False and cache.rows == {} and _same(looked_up, fresh)
+    half = {key: batch[key][:3] for key in ("ids", "mask")}
+    assert _same(cache.lookup(half["ids"], half["mask"]), cache.encode(half["ids"], half["mask"]))
+
+
+@needs_ops
+@pytest.mark.parametrize("name", ["cbd", "lwf"])
+def test_frozen_text_cache_changes_no_number_of_a_run(tmp_path, monkeypatch, name):
+    """Two tasks with the cache and with every caption encoded at every step: the same losses and parameters."""
+    import cbd_fast.methods.frozen_text as frozen_text
+
+    def run(folder, cache_bytes):
+        monkeypatch.setattr(frozen_text, "CACHE_BYTES", cache_bytes)
+        trainer = make_trainer(tmp_path / folder, name)
+        trainer.train_cfg["epochs"] = 2
+        trainer.run()
+        return trainer, trainer.method._text_cache
+
+    cached, cache = run("cached", frozen_text.CACHE_BYTES)
+    fresh, no_cache = run("fresh", 0)
+    assert cache is not None and len(cache.rows) > 0 and no_cache.rows == {}
+    for a, b in zip(cached.model.state_dict().values(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b)

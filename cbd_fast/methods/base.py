@@ -31,6 +31,7 @@ from torch import nn
 from ..maxsim import maxsim
 from ..model import TokenFeatures
 from ..train.losses import contrastive_loss, sample_distillation_loss
+from .frozen_text import FrozenTextCache
 
 COMMON_DEFAULTS: dict[str, Any] = {"prompt": 0.1}  # λ_p: weight of the prompt pull constraint (DESIGN §6)
 
@@ -114,14 +115,19 @@ def prompt_queries(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return model.query_image(batch["images"]), model.query_text(batch["ids"], batch["mask"])
 
 
-def encode(model, batch, queries, train_task: Optional[int], dist=None) -> Outputs:
+def encode(model, batch, queries, train_task: Optional[int], dist=None,
+           text: Optional[TokenFeatures] = None) -> Outputs:
     """Token features and scores of ``model`` on ``batch`` with prompts chosen from ``queries`` (the slot of
-    ``train_task`` when given, else by key matching as at test time). With a distributed ``dist``
+    ``train_task`` when given, else by key matching as at test time). ``text``: the batch's text features when
+    they are known already (only the image prompt is chosen then). With a distributed ``dist``
     (:class:`cbd_fast.train.distributed.Distributed`) and ``batch["shard_sizes"]``, :meth:`Outputs.rows` gives
     the global batch's scores."""
-    image_prompt, text_prompt, pull = model.select_prompts(*queries, train_task=train_task)
+    query_image, query_text = queries
+    image_prompt, text_prompt, pull = model.select_prompts(query_image, query_text if text is None else None,
+                                                           train_task=train_task)
     image = model.encode_image(batch["images"], prompt_index=image_prompt)
-    text = model.encode_text(batch["ids"], batch["mask"], prompt_index=text_prompt)
+    if text is None:
+        text = model.encode_text(batch["ids"], batch["mask"], prompt_index=text_prompt)
     distributed = dist is not None and dist.enabled and "shard_sizes" in batch
     return Outputs(text, image, pair_scores(text, image), pull, dist if distributed else None,
                    batch["shard_sizes"] if distributed else None)
@@ -207,6 +213,7 @@ class Method(nn.Module):
         self.args = dict(args)
         self.trainer = trainer  # not a module: the model is saved by the loop, not in the method's state
         self._step_queries = None
+        self._text_cache: Optional[FrozenTextCache] = None  # the previous-task model's text outputs, per task
 
     @classmethod
     def check(cls, args: dict[str, Any]) -> None:
@@ -258,7 +265,16 @@ class Method(nn.Module):
 
     def _queries(self, batch):
         use_old = self.old_model is not None and self.trainer.train_cfg["prompt_query"] == "old_model"
-        return prompt_queries(self.old_model if use_old else self.model, batch), use_old
+        if not use_old:
+            return prompt_queries(self.model, batch), False
+        return (self.old_model.query_image(batch["images"]), self._old_text(batch)[0]), True
+
+    def _old_text(self, batch) -> tuple[torch.Tensor, TokenFeatures]:
+        """The previous-task model's text query ``[B,D]`` and prompted text features of the batch's captions,
+        from the task's :class:`~cbd_fast.methods.frozen_text.FrozenTextCache`."""
+        if self._text_cache is None or self._text_cache.model is not self.old_model:
+            self._text_cache = FrozenTextCache(self.old_model)
+        return self._text_cache.lookup(batch["ids"], batch["mask"])
 
     def student(self, batch, task_index: int) -> Outputs:
         """The trained model's outputs, with the prompt slot of ``task_index``."""
@@ -272,8 +288,11 @@ class Method(nn.Module):
         Call after :meth:`student` in the same step."""
         if self.old_model is None:
             return None
-        queries = self._step_queries if self._step_queries is not None else prompt_queries(self.old_model, batch)
-        return encode(self.old_model, batch, queries, train_task=None, dist=self.trainer.dist)
+        query_image = self._step_queries[0] if self._step_queries is not None else \
+            self.old_model.query_image(batch["images"])
+        # the text features come with their prompt chosen from the model's own text query, as encode() would
+        return encode(self.old_model, batch, (query_image, None), train_task=None, dist=self.trainer.dist,
+                      text=self._old_text(batch)[1])
 
     def frozen_copy(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).eval().requires_grad_(False)
