@@ -1,12 +1,14 @@
 """Data-parallel training on the CPU (gloo, two processes under torchrun): the same training as one process with the
 same global batch, exact resume after kill -9 of the whole job, and batches that do not depend on the number of
-DataLoader workers; plus the pieces (sharding, gathering with gradient) in one process."""
+DataLoader workers; the collectives (gathering with gradient, the ranks' agreement checks) in two plain gloo
+processes; and in one process the pieces (sharding)."""
 import json
 import logging
 import math
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from cbd_fast.cli import train_main
 from cbd_fast.train import checkpoint
 from cbd_fast.train.data_loader import StepDataset, Step, epoch_plan, make_loader
 from cbd_fast.train.distributed import launch_environment, shard_bounds
+from cbd_fast.train.loop import different_terms_error
 from cbd_fast.train.replay import ReplayBuffer
 
 pytestmark = pytest.mark.skipif(not cbd_fast.has_extension(), reason="training uses the compiled ops")
@@ -59,7 +62,22 @@ def _torchrun(tmp_path, name, config, *extra):
 
 
 def _finish(process, tmp_path, name):
-    assert process.wait(timeout=150) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    try:
+        code = process.wait(timeout=150)
+    except subprocess.TimeoutExpired:  # a hung collective: end the job rather than leave it running
+        _kill_job(process)
+        code = "killed after 150 s"
+    assert code == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+
+
+def _kill_job(process):
+    """SIGKILL torchrun's agent and every process it started (each rank runs in a session of its own)."""
+    for pid in _process_tree(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # a DataLoader worker that ended between the listing and the kill
+            pass
+    process.wait()
 
 
 def _run_dir(tmp_path, name):
@@ -99,13 +117,8 @@ def runs(tmp_path_factory):
         if state is not None and state[0] == 1 and state[2] > 0:
             break
         time.sleep(0.02)
-    job = _process_tree(process.pid)  # torchrun starts each rank in a session of its own: kill every process
-    for pid in job:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:  # a DataLoader worker that ended between the listing and the kill
-            pass
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    _kill_job(process)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = _position(run / "checkpoints" / "last.pt")
     _finish(_torchrun(tmp_path, "cbd_killed", killed, "--resume"), tmp_path, "cbd_killed")
     return tmp_path, killed_at
@@ -237,6 +250,26 @@ def test_resume_with_another_number_of_processes(runs):
     assert resumed["loss_history"][:3] == reference["loss_history"][:3]  # the epochs done before the resume
 
 
+def test_two_processes_train_alta_with_fewer_replay_rows_than_processes(tmp_path):
+    """One replayed row per global batch for two processes: rank 1 has no replay rows, and still adds ALTA's
+    buffer terms (as zeros), so that both ranks sum the same list of terms — a rank that left them out made the
+    ranks' reductions differ in length (gloo aborts; NCCL would hang). ALTA's terms are local (each rank's InfoNCE
+    is over its own rows, DESIGN §6.2), so two processes do not train as one and there is no one-process result
+    to match: the check is that the run finishes, with finite losses and metrics and the buffer terms logged in
+    task 2 (the first with a replay buffer)."""
+    alta = dict(TINY, method="alta", method_args={}, model={"preset": "tiny", "prompts": {"enabled": True}},
+                train=dict(TINY["train"], epochs=1, replay=dict(TINY["train"]["replay"], batch_size=1)))
+    _finish(_torchrun(tmp_path, "alta", alta), tmp_path, "alta")
+    metrics = _metrics(tmp_path, "alta")
+    history = metrics["loss_history"]
+    assert [row["task"] for row in history] == [0, 1]
+    assert "buffer_contrastive" not in history[0] and {"buffer_contrastive", "logit_memory"} <= set(history[1])
+    assert all(math.isfinite(value) for row in history for value in row.values())
+    assert metrics["tasks_trained"] == 2
+    recalls = metrics["galleries"]["per_task"]["matrices"]["mean_R@1"][-1]
+    assert len(recalls) == 2 and all(math.isfinite(r) for r in recalls), recalls
+
+
 def test_tensorboard_scalars(runs):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -250,6 +283,61 @@ def test_tensorboard_scalars(runs):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) == 2 * 2 * 2  # 2 tasks x 2 epochs x 2 steps
     assert all(math.isfinite(event.value) for event in events.Scalars("train/loss"))
     assert any(tag.startswith("eval_per_task/") for tag in tags)
+
+
+# --------------------------------------------------------------------------------------- collectives, two processes
+COLLECTIVES = """
+import json, torch
+from cbd_fast.train.distributed import Distributed
+cpu = torch.device("cpu")
+group = Distributed.from_environment(cpu)
+rank, sizes = group.rank, [3, 2]
+x = (torch.arange(2 * sizes[rank], dtype=torch.float64).view(-1, 2) + 10 * rank).requires_grad_()
+gathered = group.gather(x, sizes)  # [5, 2]
+(gathered * torch.arange(10, dtype=torch.float64).view(5, 2) * (rank + 1)).sum().backward()
+print(json.dumps({"gathered": gathered.tolist(), "grad": x.grad.tolist(),
+                  "same": group.disagreement(["contrastive", "lwf"], cpu),
+                  "different": group.disagreement(["contrastive", "lwf"] if rank == 0 else ["contrastive"], cpu),
+                  "found": group.disagreement({"sha256": "ab"} if rank == 0 else None, cpu)}))
+group.close()
+"""
+
+
+def test_gather_with_gradient_and_agreement_checks_in_two_processes():
+    """Two gloo processes of unequal shares (3 and 2 rows). Gathering: every rank gets the rows of both in rank
+    order, and the gradient of a rank's rows is the sum of what both ranks' losses send to them (rank r's loss
+    weighs the gathered rows by (r + 1)·w, so each rank's rows get 3·w). Agreement: equal values give None on both
+    ranks; different ones give every rank's value on both ranks, so that both raise the same error rather than one
+    of them waiting in the next collective (the loss terms of a step, the checkpoint found on resume)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = [subprocess.Popen([sys.executable, "-c", COLLECTIVES], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+                 for rank in range(2)]
+    try:
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    rows = [[0, 1], [2, 3], [4, 5], [10, 11], [12, 13]]
+    weights = [[3.0 * (2 * i), 3.0 * (2 * i + 1)] for i in range(5)]
+    for rank, result in enumerate(results):
+        assert result["gathered"] == rows
+        assert result["grad"] == (weights[:3] if rank == 0 else weights[3:])
+        assert result["same"] is None
+        assert result["different"] == [["contrastive", "lwf"], ["contrastive"]]
+        assert result["found"] == [{"sha256": "ab"}, None]
+
+
+def test_the_error_of_different_loss_terms_names_every_ranks_terms():
+    message = str(different_terms_error([["contrastive", "lwf"], []], "task 2/2, epoch 1/1, step 3/3", "lwf"))
+    assert "at task 2/2, epoch 1/1, step 3/3 (rank 0: contrastive, lwf; rank 1: none)" in message
+    assert "Method 'lwf' must add the same terms in the same order on every rank" in message
 
 
 # --------------------------------------------------------------------------------------- pieces, one process

@@ -235,6 +235,9 @@ class Trainer:
         if self.dist.enabled:  # this rank's part of the global batch's loss (DESIGN §6.2)
             share = batch["images"].shape[0] / sum(batch["shard_sizes"])
             names = list(terms.parts)
+            every = self.dist.disagreement(names, self.device)
+            if every is not None:  # the reduction below would pair up different terms, or fail, or hang
+                raise different_terms_error(every, where, self.config["method"])
             local = torch.tensor([terms.total.item(), *terms.parts.values()], dtype=torch.float64) * share
             summed = self.dist.all_reduce_(local.to(self.device)).tolist()
             terms = LossTerms(terms.total, dict(zip(names, summed[1:])), summed[0])
@@ -509,6 +512,14 @@ class Trainer:
             if stored.get(key) != self.config[key]:
                 log.warning("resuming with %s=%s where the run had %s=%s: the results will not be bit-identical "
                             "to an uninterrupted run", key, self.config[key], key, stored.get(key))
+
+
+def different_terms_error(every: list[list[str]], where: str, method: str) -> RuntimeError:
+    """The error of a distributed step whose ranks computed different loss terms: ``every[r]``, rank r's names."""
+    seen = "; ".join(f"rank {rank}: {', '.join(names) or 'none'}" for rank, names in enumerate(every))
+    return RuntimeError(f"the processes computed different loss terms at {where} ({seen}). Method {method!r} must "
+                        f"add the same terms in the same order on every rank (a term for which a rank's share has "
+                        f"no rows is added as zero)")
 
 
 def progress_label(task_index: int, num_tasks: int, epoch: int, epochs: int) -> str:
