@@ -1,7 +1,7 @@
 """Data-parallel training on the CPU (gloo, two processes under torchrun): the same training as one process with the
 same global batch, exact resume after kill -9 of the whole job, and batches that do not depend on the number of
 DataLoader workers; the collectives (gathering with gradient, the ranks' agreement checks) in two plain gloo
-processes; and in one process the pieces (sharding)."""
+processes; and in one process the pieces: sharding, the resume check."""
 import json
 import logging
 import math
@@ -19,10 +19,11 @@ import yaml
 
 import cbd_fast
 from cbd_fast.cli import train_main
+from cbd_fast.config import ConfigError, resolve
 from cbd_fast.train import checkpoint
 from cbd_fast.train.data_loader import StepDataset, Step, epoch_plan, make_loader
 from cbd_fast.train.distributed import launch_environment, shard_bounds
-from cbd_fast.train.loop import different_terms_error
+from cbd_fast.train.loop import Trainer, different_checkpoints_error, different_terms_error
 from cbd_fast.train.replay import ReplayBuffer
 
 pytestmark = pytest.mark.skipif(not cbd_fast.has_extension(), reason="training uses the compiled ops")
@@ -365,9 +366,6 @@ def test_launch_environment():
 
 
 def test_loader_batches_do_not_depend_on_the_number_of_workers():
-    from cbd_fast.config import resolve
-    from cbd_fast.train.loop import Trainer
-
     trainer = Trainer(resolve(dict(TINY, data=dict(TINY["data"], num_tasks=2))), show_progress=False)
     replay = ReplayBuffer("reservoir", 8)
     replay.add_task(0, len(trainer.tasks[0].train), torch.Generator().manual_seed(0))
@@ -421,3 +419,24 @@ def test_decoding_and_augmentation_in_workers_do_not_depend_on_the_number_of_wor
         for a, b in zip(batches[epoch, 0], batches[epoch, 2], strict=True):
             assert all(torch.equal(a[key], b[key]) for key in a)
     assert not torch.equal(batches[0, 0][0]["images"], batches[1, 0][0]["images"])  # another epoch, another view
+
+
+def test_resume_stops_every_rank_when_the_ranks_see_different_checkpoints(tmp_path, monkeypatch):
+    """Only rank 0 writes checkpoints: with output_dir on a disk of each node, the other nodes find none (or an
+    older one). The ranks compare what they found before reading any state; here the other rank's view is faked
+    (no checkpoint, then another one) and this rank raises a ConfigError that names the shared file system."""
+    config = resolve(dict(TINY, output_dir=str(tmp_path), name="local_disk"), warn=False)
+    trainer = Trainer(config, show_progress=False)
+    trainer.run_dir.mkdir(parents=True)
+    trainer._save()
+    assert trainer.resume()  # one process: nothing to compare
+    for other in (None, {"sha256": "0" * 64, "next_task": 0, "next_epoch": 1, "next_step": 0}):
+        monkeypatch.setattr(trainer.dist, "disagreement", lambda view, device: [view, other])
+        with pytest.raises(ConfigError, match="rank 0: a checkpoint after 0 task.*rank 1: (no checkpoint|a "
+                                              "checkpoint after 0 task.s. . 1 epoch).*shared by all nodes"):
+            trainer.resume()
+    # no checkpoint on rank 0, one on ranks 1 and 2
+    view = {"sha256": "ab" * 32, "next_task": 1, "next_epoch": 0, "next_step": 2}
+    message = str(different_checkpoints_error(tmp_path / "last.pt", [None, view, view], str(tmp_path)))
+    assert "rank 0: no checkpoint; ranks 1, 2: a checkpoint after 1 task(s) + 0 epoch(s) + 2 step(s) " \
+           "(SHA-256 abababababab…)" in message and f"output_dir ({tmp_path})" in message
