@@ -1,7 +1,7 @@
 """Data-parallel training on the CPU (gloo, two processes under torchrun): the same training as one process with the
 same global batch, exact resume after kill -9 of the whole job, and batches that do not depend on the number of
 DataLoader workers; the collectives (gathering with gradient, the ranks' agreement checks) in two plain gloo
-processes; and in one process the pieces: sharding, the resume check."""
+processes; and in one process the pieces: sharding, the local-loss forms of the global terms, the resume check."""
 import json
 import logging
 import math
@@ -20,10 +20,13 @@ import yaml
 import cbd_fast
 from cbd_fast.cli import train_main
 from cbd_fast.config import ConfigError, resolve
+from cbd_fast.methods.base import Outputs, global_contrastive, global_sample_distillation
+from cbd_fast.methods.modx import global_modx_distillation, modx_distillation_loss
 from cbd_fast.train import checkpoint
 from cbd_fast.train.data_loader import StepDataset, Step, epoch_plan, make_loader
 from cbd_fast.train.distributed import launch_environment, shard_bounds
 from cbd_fast.train.loop import Trainer, different_checkpoints_error, different_terms_error
+from cbd_fast.train.losses import contrastive_loss, sample_distillation_loss
 from cbd_fast.train.replay import ReplayBuffer
 
 pytestmark = pytest.mark.skipif(not cbd_fast.has_extension(), reason="training uses the compiled ops")
@@ -419,6 +422,51 @@ def test_decoding_and_augmentation_in_workers_do_not_depend_on_the_number_of_wor
         for a, b in zip(batches[epoch, 0], batches[epoch, 2], strict=True):
             assert all(torch.equal(a[key], b[key]) for key in a)
     assert not torch.equal(batches[0, 0][0]["images"], batches[1, 0][0]["images"])  # another epoch, another view
+
+
+def _row_blocks(new, old, sizes):
+    """Every rank's ``(student, teacher)`` Outputs of a global batch whose score matrices are ``new[N,N]`` and
+    ``old[N,N]``, in the local-loss form a distributed run gives them (``Outputs.rows``: the rank's caption rows,
+    its image rows, its offset)."""
+    shares, start = [], 0
+    for n in sizes:
+        block = [Outputs(None, None, scores[start:start + n], None, None, sizes,
+                         (scores[start:start + n], scores[:, start:start + n].t(), start)) for scores in (new, old)]
+        shares.append(block)
+        start += n
+    return shares
+
+
+@pytest.mark.parametrize("sizes", [[4, 3], [3, 2, 2]])
+def test_local_loss_forms_sum_to_the_global_batch_loss(sizes):
+    """The global terms as the methods compute them in a distributed run (each rank's rows of the global score
+    matrices, ``global_*``), weighted by the rank's share n_r / N as the loop weights a rank's loss: the sum over
+    ranks is the one-process loss of the global batch, and so is its gradient. Mod-X's row sum is scaled by N / n_r
+    first. The teacher misranks some rows, so Mod-X leaves out rows in both directions."""
+    gen = torch.Generator().manual_seed(0)
+    total = sum(sizes)
+    new = (torch.randn(total, total, generator=gen) + 2 * torch.eye(total)).requires_grad_()
+    old = torch.randn(total, total, generator=gen) + 1.5 * torch.eye(total)
+    text_kept, image_kept = (old.argmax(1) == torch.arange(total)), (old.argmax(0) == torch.arange(total))
+    assert 0 < int(text_kept.sum()) < total and 0 < int(image_kept.sum()) < total
+    scale = torch.tensor(5.0)
+    forms = {  # the terms compute in float32: equal to float32 rounding
+        "contrastive": (lambda s, t: global_contrastive(s, scale), lambda: contrastive_loss(new, scale)),
+        "sample": (lambda s, t: global_sample_distillation(s, t, 0.5),
+                   lambda: sample_distillation_loss(new, old, 0.5)),
+        "modx": (lambda s, t: global_modx_distillation(s, t, 2.0), lambda: modx_distillation_loss(new, old, 2.0)),
+    }
+    for name, (local, whole) in forms.items():
+        expected = whole()
+        (expected_grad,) = torch.autograd.grad(expected, new)
+        summed = sum(local(student, teacher) * (n / total)
+                     for (student, teacher), n in zip(_row_blocks(new, old, sizes), sizes))
+        (grad,) = torch.autograd.grad(summed, new)
+        assert summed.item() == pytest.approx(expected.item(), rel=1e-6), name
+        assert torch.allclose(grad, expected_grad, rtol=1e-5, atol=1e-7), name
+        # one rank's form alone is not the whole: the weighting matters
+        student, teacher = _row_blocks(new, old, sizes)[0]
+        assert local(student, teacher).item() != pytest.approx(expected.item(), rel=1e-6), name
 
 
 def test_resume_stops_every_rank_when_the_ranks_see_different_checkpoints(tmp_path, monkeypatch):
