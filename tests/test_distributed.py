@@ -1,7 +1,8 @@
 """Data-parallel training on the CPU (gloo, two processes under torchrun): the same training as one process with the
 same global batch, exact resume after kill -9 of the whole job, and batches that do not depend on the number of
 DataLoader workers; the collectives (gathering with gradient, the ranks' agreement checks) in two plain gloo
-processes; and in one process the pieces: sharding, the local-loss forms of the global terms, the resume check."""
+processes; and in one process the pieces: sharding, the local-loss forms of the global terms, gradient
+accumulation, the resume check."""
 import json
 import logging
 import math
@@ -467,6 +468,49 @@ def test_local_loss_forms_sum_to_the_global_batch_loss(sizes):
         # one rank's form alone is not the whole: the weighting matters
         student, teacher = _row_blocks(new, old, sizes)[0]
         assert local(student, teacher).item() != pytest.approx(expected.item(), rel=1e-6), name
+
+
+def test_gradient_accumulation_steps_once_per_two_batches_with_their_mean_gradient(tmp_path):
+    """``train.accumulate: 2`` on an epoch of 3 batches: two optimizer steps, the first with the mean of the first
+    two batches' gradients, the second (the epoch's end) with the last batch's own (DESIGN §6.2: the step's loss is
+    the mean of its batches' losses). Each batch's gradient is recomputed alone at the parameters of its step."""
+    config = resolve(dict(TINY, output_dir=str(tmp_path), name="accumulate", method="finetune", method_args={},
+                          train=dict(TINY["train"], batch_size=10, accumulate=2, grad_clip=0.0,
+                                     replay={"strategy": "none", "size": 0, "batch_size": 0})), warn=False)
+    trainer = Trainer(config, show_progress=False)
+    named = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
+    steps = []  # (parameters, gradients) at each optimizer step
+    apply = trainer._apply_gradients
+
+    def recording(where, loss):
+        steps.append(({name: p.detach().clone() for name, p in named},
+                      {name: p.grad.clone() for name, p in named if p.grad is not None}))
+        apply(where, loss)
+
+    trainer._apply_gradients = recording
+    trainer._start_task(0)
+    batches = [batch for _, batch in trainer._batches(0, 0)]
+    assert [b["images"].shape[0] for b in batches] == [10, 10, 4]
+    trainer._train_epoch(0, 0, show_progress=False)
+    assert len(steps) == 2 and trainer.optimizer_steps == 2
+
+    def gradient(batch, step):
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.model.train()
+        trainer.method.losses(batch, 0, trainer._step_seed(0, 0, step)).total().backward()
+        return {name: p.grad.clone() for name, p in named if p.grad is not None}
+
+    for (parameters, applied), group in zip(steps, ([0, 1], [2])):
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(parameters[name])
+        alone = [gradient(batches[step], step) for step in group]
+        assert applied.keys() == alone[0].keys()
+        for name in applied:
+            expected = sum(g[name] for g in alone) / len(alone)
+            assert torch.allclose(applied[name], expected, rtol=1e-5, atol=1e-7), name
+        if len(group) == 2:  # the two batches' gradients differ: the mean is not either one
+            assert any(not torch.allclose(alone[0][n], alone[1][n], rtol=1e-3) for n in applied)
 
 
 def test_resume_stops_every_rank_when_the_ranks_see_different_checkpoints(tmp_path, monkeypatch):
