@@ -235,6 +235,23 @@ def test_resume_from_a_kept_checkpoint_file(runs):
     assert train_main(["--config", str(config), "--no-progress", "--resume", str(tmp_path / "nothing.pt")]) == 2
 
 
+def test_resume_latest_continues_from_the_run_folders_last_checkpoint(runs):
+    """``--resume latest`` (the word, as typed): the run folder's ``last.pt`` — here a run folder as a run
+    interrupted in task 2 leaves it, from the kept step checkpoint of the 1-process run — and the run ends bitwise
+    where the uninterrupted run ended."""
+    tmp_path, _ = runs
+    kept = sorted((_run_dir(tmp_path, "one") / "checkpoints").glob("0*.pt"))[1]
+    config = _write_config(tmp_path, "one_latest", dict(TINY, train=dict(TINY["train"], checkpoint_every_steps=1)))
+    run = _run_dir(tmp_path, "one_latest")
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(kept.read_bytes())
+    (run / "config.yaml").write_text((_run_dir(tmp_path, "one") / "config.yaml").read_text())
+    assert train_main(["--config", str(config), "--no-progress", "--resume", "latest"]) == 0
+    one, again = _model(tmp_path, "one"), _model(tmp_path, "one_latest")
+    assert all(torch.equal(one[k], again[k]) for k in one)
+    assert _metrics(tmp_path, "one")["loss_history"] == _metrics(tmp_path, "one_latest")["loss_history"]
+
+
 def test_resume_with_another_number_of_processes(runs):
     """A checkpoint of the 2-process run, resumed in 1 process: allowed, with a warning that the result is not
     bit-identical; the run finishes the same training (same global batches)."""
