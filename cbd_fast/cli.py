@@ -230,9 +230,9 @@ def _train_with(trainer, args: argparse.Namespace, run_dir: pathlib.Path) -> int
     trainer.dist.barrier()  # no rank reads the run folder while rank 0 deletes it
     if args.resume:
         path = None if args.resume == "latest" else pathlib.Path(args.resume)
-        if path is not None and not path.is_file():
-            raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint file")
-        if not trainer.resume(path):
+        if not trainer.resume(path):  # (every rank looks; they agree, or all of them raise)
+            if path is not None:
+                raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint file")
             log.info("no checkpoint in %s; starting from scratch", run_dir)
         elif trainer.finished:
             if main:

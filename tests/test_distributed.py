@@ -1,12 +1,15 @@
 """Data-parallel training on the CPU (gloo, two processes under torchrun): the same training as one process with the
 same global batch, exact resume after kill -9 of the whole job, and batches that do not depend on the number of
-DataLoader workers; plus the pieces (sharding, gathering with gradient) in one process."""
+DataLoader workers; the collectives (gathering with gradient, the ranks' agreement checks) in two plain gloo
+processes; and in one process the pieces: sharding, the local-loss forms of the global terms, gradient
+accumulation, the resume check."""
 import json
 import logging
 import math
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,9 +20,14 @@ import yaml
 
 import cbd_fast
 from cbd_fast.cli import train_main
+from cbd_fast.config import ConfigError, resolve
+from cbd_fast.methods.base import Outputs, global_contrastive, global_sample_distillation
+from cbd_fast.methods.modx import global_modx_distillation, modx_distillation_loss
 from cbd_fast.train import checkpoint
 from cbd_fast.train.data_loader import StepDataset, Step, epoch_plan, make_loader
 from cbd_fast.train.distributed import launch_environment, shard_bounds
+from cbd_fast.train.loop import Trainer, different_checkpoints_error, different_terms_error
+from cbd_fast.train.losses import contrastive_loss, sample_distillation_loss
 from cbd_fast.train.replay import ReplayBuffer
 
 pytestmark = pytest.mark.skipif(not cbd_fast.has_extension(), reason="training uses the compiled ops")
@@ -59,7 +67,22 @@ def _torchrun(tmp_path, name, config, *extra):
 
 
 def _finish(process, tmp_path, name):
-    assert process.wait(timeout=150) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    try:
+        code = process.wait(timeout=150)
+    except subprocess.TimeoutExpired:  # a hung collective: end the job rather than leave it running
+        _kill_job(process)
+        code = "killed after 150 s"
+    assert code == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+
+
+def _kill_job(process):
+    """SIGKILL torchrun's agent and every process it started (each rank runs in a session of its own)."""
+    for pid in _process_tree(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # a DataLoader worker that ended between the listing and the kill
+            pass
+    process.wait()
 
 
 def _run_dir(tmp_path, name):
@@ -99,13 +122,8 @@ def runs(tmp_path_factory):
         if state is not None and state[0] == 1 and state[2] > 0:
             break
         time.sleep(0.02)
-    job = _process_tree(process.pid)  # torchrun starts each rank in a session of its own: kill every process
-    for pid in job:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:  # a DataLoader worker that ended between the listing and the kill
-            pass
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    _kill_job(process)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = _position(run / "checkpoints" / "last.pt")
     _finish(_torchrun(tmp_path, "cbd_killed", killed, "--resume"), tmp_path, "cbd_killed")
     return tmp_path, killed_at
@@ -217,6 +235,23 @@ def test_resume_from_a_kept_checkpoint_file(runs):
     assert train_main(["--config", str(config), "--no-progress", "--resume", str(tmp_path / "nothing.pt")]) == 2
 
 
+def test_resume_latest_continues_from_the_run_folders_last_checkpoint(runs):
+    """``--resume latest`` (the word, as typed): the run folder's ``last.pt`` — here a run folder as a run
+    interrupted in task 2 leaves it, from the kept step checkpoint of the 1-process run — and the run ends bitwise
+    where the uninterrupted run ended."""
+    tmp_path, _ = runs
+    kept = sorted((_run_dir(tmp_path, "one") / "checkpoints").glob("0*.pt"))[1]
+    config = _write_config(tmp_path, "one_latest", dict(TINY, train=dict(TINY["train"], checkpoint_every_steps=1)))
+    run = _run_dir(tmp_path, "one_latest")
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(kept.read_bytes())
+    (run / "config.yaml").write_text((_run_dir(tmp_path, "one") / "config.yaml").read_text())
+    assert train_main(["--config", str(config), "--no-progress", "--resume", "latest"]) == 0
+    one, again = _model(tmp_path, "one"), _model(tmp_path, "one_latest")
+    assert all(torch.equal(one[k], again[k]) for k in one)
+    assert _metrics(tmp_path, "one")["loss_history"] == _metrics(tmp_path, "one_latest")["loss_history"]
+
+
 def test_resume_with_another_number_of_processes(runs):
     """A checkpoint of the 2-process run, resumed in 1 process: allowed, with a warning that the result is not
     bit-identical; the run finishes the same training (same global batches)."""
@@ -237,6 +272,26 @@ def test_resume_with_another_number_of_processes(runs):
     assert resumed["loss_history"][:3] == reference["loss_history"][:3]  # the epochs done before the resume
 
 
+def test_two_processes_train_alta_with_fewer_replay_rows_than_processes(tmp_path):
+    """One replayed row per global batch for two processes: rank 1 has no replay rows, and still adds ALTA's
+    buffer terms (as zeros), so that both ranks sum the same list of terms — a rank that left them out made the
+    ranks' reductions differ in length (gloo aborts; NCCL would hang). ALTA's terms are local (each rank's InfoNCE
+    is over its own rows, DESIGN §6.2), so two processes do not train as one and there is no one-process result
+    to match: the check is that the run finishes, with finite losses and metrics and the buffer terms logged in
+    task 2 (the first with a replay buffer)."""
+    alta = dict(TINY, method="alta", method_args={}, model={"preset": "tiny", "prompts": {"enabled": True}},
+                train=dict(TINY["train"], epochs=1, replay=dict(TINY["train"]["replay"], batch_size=1)))
+    _finish(_torchrun(tmp_path, "alta", alta), tmp_path, "alta")
+    metrics = _metrics(tmp_path, "alta")
+    history = metrics["loss_history"]
+    assert [row["task"] for row in history] == [0, 1]
+    assert "buffer_contrastive" not in history[0] and {"buffer_contrastive", "logit_memory"} <= set(history[1])
+    assert all(math.isfinite(value) for row in history for value in row.values())
+    assert metrics["tasks_trained"] == 2
+    recalls = metrics["galleries"]["per_task"]["matrices"]["mean_R@1"][-1]
+    assert len(recalls) == 2 and all(math.isfinite(r) for r in recalls), recalls
+
+
 def test_tensorboard_scalars(runs):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -250,6 +305,61 @@ def test_tensorboard_scalars(runs):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) == 2 * 2 * 2  # 2 tasks x 2 epochs x 2 steps
     assert all(math.isfinite(event.value) for event in events.Scalars("train/loss"))
     assert any(tag.startswith("eval_per_task/") for tag in tags)
+
+
+# --------------------------------------------------------------------------------------- collectives, two processes
+COLLECTIVES = """
+import json, torch
+from cbd_fast.train.distributed import Distributed
+cpu = torch.device("cpu")
+group = Distributed.from_environment(cpu)
+rank, sizes = group.rank, [3, 2]
+x = (torch.arange(2 * sizes[rank], dtype=torch.float64).view(-1, 2) + 10 * rank).requires_grad_()
+gathered = group.gather(x, sizes)  # [5, 2]
+(gathered * torch.arange(10, dtype=torch.float64).view(5, 2) * (rank + 1)).sum().backward()
+print(json.dumps({"gathered": gathered.tolist(), "grad": x.grad.tolist(),
+                  "same": group.disagreement(["contrastive", "lwf"], cpu),
+                  "different": group.disagreement(["contrastive", "lwf"] if rank == 0 else ["contrastive"], cpu),
+                  "found": group.disagreement({"sha256": "ab"} if rank == 0 else None, cpu)}))
+group.close()
+"""
+
+
+def test_gather_with_gradient_and_agreement_checks_in_two_processes():
+    """Two gloo processes of unequal shares (3 and 2 rows). Gathering: every rank gets the rows of both in rank
+    order, and the gradient of a rank's rows is the sum of what both ranks' losses send to them (rank r's loss
+    weighs the gathered rows by (r + 1)·w, so each rank's rows get 3·w). Agreement: equal values give None on both
+    ranks; different ones give every rank's value on both ranks, so that both raise the same error rather than one
+    of them waiting in the next collective (the loss terms of a step, the checkpoint found on resume)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = [subprocess.Popen([sys.executable, "-c", COLLECTIVES], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+                 for rank in range(2)]
+    try:
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    rows = [[0, 1], [2, 3], [4, 5], [10, 11], [12, 13]]
+    weights = [[3.0 * (2 * i), 3.0 * (2 * i + 1)] for i in range(5)]
+    for rank, result in enumerate(results):
+        assert result["gathered"] == rows
+        assert result["grad"] == (weights[:3] if rank == 0 else weights[3:])
+        assert result["same"] is None
+        assert result["different"] == [["contrastive", "lwf"], ["contrastive"]]
+        assert result["found"] == [{"sha256": "ab"}, None]
+
+
+def test_the_error_of_different_loss_terms_names_every_ranks_terms():
+    message = str(different_terms_error([["contrastive", "lwf"], []], "task 2/2, epoch 1/1, step 3/3", "lwf"))
+    assert "at task 2/2, epoch 1/1, step 3/3 (rank 0: contrastive, lwf; rank 1: none)" in message
+    assert "Method 'lwf' must add the same terms in the same order on every rank" in message
 
 
 # --------------------------------------------------------------------------------------- pieces, one process
@@ -277,9 +387,6 @@ def test_launch_environment():
 
 
 def test_loader_batches_do_not_depend_on_the_number_of_workers():
-    from cbd_fast.config import resolve
-    from cbd_fast.train.loop import Trainer
-
     trainer = Trainer(resolve(dict(TINY, data=dict(TINY["data"], num_tasks=2))), show_progress=False)
     replay = ReplayBuffer("reservoir", 8)
     replay.add_task(0, len(trainer.tasks[0].train), torch.Generator().manual_seed(0))
@@ -333,3 +440,112 @@ def test_decoding_and_augmentation_in_workers_do_not_depend_on_the_number_of_wor
         for a, b in zip(batches[epoch, 0], batches[epoch, 2], strict=True):
             assert all(torch.equal(a[key], b[key]) for key in a)
     assert not torch.equal(batches[0, 0][0]["images"], batches[1, 0][0]["images"])  # another epoch, another view
+
+
+def _row_blocks(new, old, sizes):
+    """Every rank's ``(student, teacher)`` Outputs of a global batch whose score matrices are ``new[N,N]`` and
+    ``old[N,N]``, in the local-loss form a distributed run gives them (``Outputs.rows``: the rank's caption rows,
+    its image rows, its offset)."""
+    shares, start = [], 0
+    for n in sizes:
+        block = [Outputs(None, None, scores[start:start + n], None, None, sizes,
+                         (scores[start:start + n], scores[:, start:start + n].t(), start)) for scores in (new, old)]
+        shares.append(block)
+        start += n
+    return shares
+
+
+@pytest.mark.parametrize("sizes", [[4, 3], [3, 2, 2]])
+def test_local_loss_forms_sum_to_the_global_batch_loss(sizes):
+    """The global terms as the methods compute them in a distributed run (each rank's rows of the global score
+    matrices, ``global_*``), weighted by the rank's share n_r / N as the loop weights a rank's loss: the sum over
+    ranks is the one-process loss of the global batch, and so is its gradient. Mod-X's row sum is scaled by N / n_r
+    first. The teacher misranks some rows, so Mod-X leaves out rows in both directions."""
+    gen = torch.Generator().manual_seed(0)
+    total = sum(sizes)
+    new = (torch.randn(total, total, generator=gen) + 2 * torch.eye(total)).requires_grad_()
+    old = torch.randn(total, total, generator=gen) + 1.5 * torch.eye(total)
+    text_kept, image_kept = (old.argmax(1) == torch.arange(total)), (old.argmax(0) == torch.arange(total))
+    assert 0 < int(text_kept.sum()) < total and 0 < int(image_kept.sum()) < total
+    scale = torch.tensor(5.0)
+    forms = {  # the terms compute in float32: equal to float32 rounding
+        "contrastive": (lambda s, t: global_contrastive(s, scale), lambda: contrastive_loss(new, scale)),
+        "sample": (lambda s, t: global_sample_distillation(s, t, 0.5),
+                   lambda: sample_distillation_loss(new, old, 0.5)),
+        "modx": (lambda s, t: global_modx_distillation(s, t, 2.0), lambda: modx_distillation_loss(new, old, 2.0)),
+    }
+    for name, (local, whole) in forms.items():
+        expected = whole()
+        (expected_grad,) = torch.autograd.grad(expected, new)
+        summed = sum(local(student, teacher) * (n / total)
+                     for (student, teacher), n in zip(_row_blocks(new, old, sizes), sizes))
+        (grad,) = torch.autograd.grad(summed, new)
+        assert summed.item() == pytest.approx(expected.item(), rel=1e-6), name
+        assert torch.allclose(grad, expected_grad, rtol=1e-5, atol=1e-7), name
+        # one rank's form alone is not the whole: the weighting matters
+        student, teacher = _row_blocks(new, old, sizes)[0]
+        assert local(student, teacher).item() != pytest.approx(expected.item(), rel=1e-6), name
+
+
+def test_gradient_accumulation_steps_once_per_two_batches_with_their_mean_gradient(tmp_path):
+    """``train.accumulate: 2`` on an epoch of 3 batches: two optimizer steps, the first with the mean of the first
+    two batches' gradients, the second (the epoch's end) with the last batch's own (DESIGN §6.2: the step's loss is
+    the mean of its batches' losses). Each batch's gradient is recomputed alone at the parameters of its step."""
+    config = resolve(dict(TINY, output_dir=str(tmp_path), name="accumulate", method="finetune", method_args={},
+                          train=dict(TINY["train"], batch_size=10, accumulate=2, grad_clip=0.0,
+                                     replay={"strategy": "none", "size": 0, "batch_size": 0})), warn=False)
+    trainer = Trainer(config, show_progress=False)
+    named = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
+    steps = []  # (parameters, gradients) at each optimizer step
+    apply = trainer._apply_gradients
+
+    def recording(where, loss):
+        steps.append(({name: p.detach().clone() for name, p in named},
+                      {name: p.grad.clone() for name, p in named if p.grad is not None}))
+        apply(where, loss)
+
+    trainer._apply_gradients = recording
+    trainer._start_task(0)
+    batches = [batch for _, batch in trainer._batches(0, 0)]
+    assert [b["images"].shape[0] for b in batches] == [10, 10, 4]
+    trainer._train_epoch(0, 0, show_progress=False)
+    assert len(steps) == 2 and trainer.optimizer_steps == 2
+
+    def gradient(batch, step):
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.model.train()
+        trainer.method.losses(batch, 0, trainer._step_seed(0, 0, step)).total().backward()
+        return {name: p.grad.clone() for name, p in named if p.grad is not None}
+
+    for (parameters, applied), group in zip(steps, ([0, 1], [2])):
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(parameters[name])
+        alone = [gradient(batches[step], step) for step in group]
+        assert applied.keys() == alone[0].keys()
+        for name in applied:
+            expected = sum(g[name] for g in alone) / len(alone)
+            assert torch.allclose(applied[name], expected, rtol=1e-5, atol=1e-7), name
+        if len(group) == 2:  # the two batches' gradients differ: the mean is not either one
+            assert any(not torch.allclose(alone[0][n], alone[1][n], rtol=1e-3) for n in applied)
+
+
+def test_resume_stops_every_rank_when_the_ranks_see_different_checkpoints(tmp_path, monkeypatch):
+    """Only rank 0 writes checkpoints: with output_dir on a disk of each node, the other nodes find none (or an
+    older one). The ranks compare what they found before reading any state; here the other rank's view is faked
+    (no checkpoint, then another one) and this rank raises a ConfigError that names the shared file system."""
+    config = resolve(dict(TINY, output_dir=str(tmp_path), name="local_disk"), warn=False)
+    trainer = Trainer(config, show_progress=False)
+    trainer.run_dir.mkdir(parents=True)
+    trainer._save()
+    assert trainer.resume()  # one process: nothing to compare
+    for other in (None, {"sha256": "0" * 64, "next_task": 0, "next_epoch": 1, "next_step": 0}):
+        monkeypatch.setattr(trainer.dist, "disagreement", lambda view, device: [view, other])
+        with pytest.raises(ConfigError, match="rank 0: a checkpoint after 0 task.*rank 1: (no checkpoint|a "
+                                              "checkpoint after 0 task.s. . 1 epoch).*shared by all nodes"):
+            trainer.resume()
+    # no checkpoint on rank 0, one on ranks 1 and 2
+    view = {"sha256": "ab" * 32, "next_task": 1, "next_epoch": 0, "next_step": 2}
+    message = str(different_checkpoints_error(tmp_path / "last.pt", [None, view, view], str(tmp_path)))
+    assert "rank 0: no checkpoint; ranks 1, 2: a checkpoint after 1 task(s) + 0 epoch(s) + 2 step(s) " \
+           "(SHA-256 abababababab…)" in message and f"output_dir ({tmp_path})" in message

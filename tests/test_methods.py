@@ -253,6 +253,36 @@ def test_distillation_is_zero_when_student_equals_teacher(tmp_path, name):
 
 
 @needs_ops
+@pytest.mark.parametrize("name", NAMES)
+def test_every_share_of_a_batch_gets_the_same_terms(tmp_path, name):
+    """The shares the ranks of a distributed run get of one global batch (8 current rows, then 4 replayed; joint:
+    8 current rows): current rows only, current and replay rows, one replay row, a single row. The loop sums the
+    ranks' loss terms by name, so every method must add the same terms in the same order whatever rows a share
+    holds — a term with no rows in a share is added as zero (ALTA's buffer terms, DIME's hinge and path terms)."""
+    replay = None if name == "joint" else {"strategy": "reservoir", "size": 16, "batch_size": 4}
+    trainer = make_trainer(tmp_path, name, replay=replay)
+    task = 0 if name == "joint" else 1  # joint trains in its first stage only, on both tasks at once
+    if task:
+        after_first_task(trainer)
+    else:
+        trainer._start_task(0)
+    batch = first_batch(trainer, task)
+    assert batch["replay"].sum() == (0 if name == "joint" else 4)
+    last = batch["images"].shape[0] - 1
+    shares = [[0, 1, 2, 3], list(range(4, last + 1)), [0, 1, last]]
+    if name != "rvlr":  # its relations need two samples in the global batch, which has ≥ 2 rows in any run of W ≥ 2
+        shares.append([0])
+    names = []
+    for rows in shares:
+        index = torch.tensor(rows)
+        share = {key: value[index.to(value.device)] for key, value in batch.items()}
+        names.append(list(trainer.method.losses(share, task, step_seed=3).values()))
+    assert all(these == names[0] for these in names), dict(zip(map(str, shares), names))
+    whole = list(trainer.method.losses(batch, task, step_seed=3).values())
+    assert whole == names[0]
+
+
+@needs_ops
 def test_finetune_terms_and_joint_stages(tmp_path):
     trainer = make_trainer(tmp_path, "finetune")
     trainer._start_task(0)

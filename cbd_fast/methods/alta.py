@@ -57,7 +57,8 @@ class ALTA(Method):
 
     Distributed training: local — every term, on each rank's share of the batch: the InfoNCE terms score with the
     adapter over the rank's own current and replay rows (the public code trains on one GPU), and the
-    logit-memory MSE is per replay row.
+    logit-memory MSE is per replay row. A rank whose share has no replay rows (fewer replay rows than ranks) adds
+    the two buffer terms as zeros.
     """
 
     name = "alta"
@@ -120,15 +121,21 @@ class ALTA(Method):
         terms.add("contrastive", contrastive_loss(scores[:current, :current], scale))
         if args["prompt"]:
             terms.add("prompt_key_cos", student.pull, -args["prompt"])
-        if current == scores.shape[0]:
+        if not self.step_has_replay():
             return terms
-        replay_scores = scores[current:, current:]
+        replay_scores = scores[current:, current:]  # [R, R]; R = 0 on a rank whose share has no replay rows
+        zero = scores.new_zeros(())
         if args["alpha"]:
-            terms.add("buffer_contrastive", contrastive_loss(replay_scores, scale), args["alpha"])
+            terms.add("buffer_contrastive", contrastive_loss(replay_scores, scale) if replay_scores.numel() else zero,
+                      args["alpha"])
         if args["beta"]:
-            keys = list(zip(batch["task"][current:].tolist(), batch["index"][current:].tolist()))
-            stored = self.stored_scores(keys)
-            terms.add("logit_memory", ((replay_scores * scale - stored * scale.detach()) ** 2).mean(), args["beta"])
+            if replay_scores.numel():
+                keys = list(zip(batch["task"][current:].tolist(), batch["index"][current:].tolist()))
+                stored = self.stored_scores(keys)
+                memory = ((replay_scores * scale - stored * scale.detach()) ** 2).mean()
+            else:
+                memory = zero
+            terms.add("logit_memory", memory, args["beta"])
         return terms
 
     @torch.no_grad()

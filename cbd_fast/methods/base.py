@@ -294,6 +294,13 @@ class Method(nn.Module):
         return encode(self.old_model, batch, (query_image, None), train_task=None, dist=self.trainer.dist,
                       text=self._old_text(batch)[1])
 
+    def step_has_replay(self) -> bool:
+        """Whether the global batch of a training step holds replay rows: the loop appends
+        ``train.replay.batch_size`` draws whenever the buffer holds an entry. In a distributed run a rank's share
+        may have none of them (fewer replay rows than ranks); a term over replay rows is then added as zero on that
+        rank, so that every rank has the same terms (the loop reduces them by name)."""
+        return len(self.trainer.replay) > 0 and self.trainer.train_cfg["replay"]["batch_size"] > 0
+
     def frozen_copy(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).eval().requires_grad_(False)
 

@@ -177,7 +177,8 @@ class DIME(Method):
     score is re-ranking of the dual encoder's top-k instead of exhaustive.
 
     Distributed training: global — the contrastive and LwF terms; local — the hinge, its candidates and the path
-    term, on each rank's share of the batch (the public code trains on one GPU).
+    term, on each rank's share of the batch (the public code trains on one GPU); a share of one row has no
+    negatives and adds them as zeros.
     """
 
     name = "dime"
@@ -236,6 +237,10 @@ class DIME(Method):
                 path = [gram_mismatch(F.normalize(projection(direction[:size]), dim=-1), semantic)
                         for projection, direction in zip(self.path_projection, paths)]
                 terms.add("path", 0.5 * (path[0] + path[1]), args["path"])
+        else:  # one row, no negatives: zeros, so that every rank of a distributed run has the same terms
+            for name in ("rank", "path"):
+                if args[name]:
+                    terms.add(name, student.scores.new_zeros((), dtype=torch.float32), args[name])
         if args["lwf"]:
             teacher = self.teacher(batch)
             if teacher is not None:

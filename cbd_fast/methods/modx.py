@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method
+from .base import Method, Outputs
 
 
 def modx_distillation_loss(scores_new: torch.Tensor, scores_old: torch.Tensor, temperature: float,
@@ -29,6 +29,18 @@ def modx_distillation_loss(scores_new: torch.Tensor, scores_old: torch.Tensor, t
     if image_rows_new is None:
         return 0.5 * (one_direction(scores_new, old) + one_direction(scores_new.t(), old.t()))
     return 0.5 * (one_direction(scores_new, old) + one_direction(image_rows_new, image_rows_old.detach()))
+
+
+def global_modx_distillation(new: Outputs, old: Outputs, temperature: float) -> torch.Tensor:
+    """:func:`modx_distillation_loss` on the global batch's score matrices. In a distributed run: this rank's rows
+    of them, their sum scaled by ``N / n`` so that the loop's ``n / N`` weighting of the rank's loss leaves the
+    global batch's row sum (DESIGN §6.2)."""
+    if not new.distributed:
+        return modx_distillation_loss(new.scores.float(), old.scores.float(), temperature)
+    (text_new, image_new, offset), (text_old, image_old, _) = new.rows(), old.rows()
+    local = modx_distillation_loss(text_new.float(), text_old.float(), temperature, image_new.float(),
+                                   image_old.float(), offset)
+    return local * (sum(new.shard_sizes) / text_new.shape[0])
 
 
 class ModX(Method):
@@ -58,13 +70,6 @@ class ModX(Method):
         terms = super().loss_terms(student, batch, task_index, step_seed)
         teacher = self.teacher(batch)
         if teacher is not None and self.args["weight"]:
-            temperature = self.args["temperature"]
-            if student.distributed:
-                (text_new, image_new, offset), (text_old, image_old, _) = student.rows(), teacher.rows()
-                local = modx_distillation_loss(text_new.float(), text_old.float(), temperature, image_new.float(),
-                                               image_old.float(), offset)
-                value = local * (sum(student.shard_sizes) / text_new.shape[0])
-            else:
-                value = modx_distillation_loss(student.scores.float(), teacher.scores.float(), temperature)
-            terms.add("modx", value, self.args["weight"])
+            terms.add("modx", global_modx_distillation(student, teacher, self.args["temperature"]),
+                      self.args["weight"])
         return terms

@@ -110,6 +110,14 @@ def _payload_digest(stream: BinaryIO) -> bytes:
     return sha256.digest()
 
 
+def stored_digest(path: str | pathlib.Path) -> str:
+    """The payload's SHA-256 as the header stores it (hex): names a checkpoint's content without reading it all
+    (:func:`load` checks that the payload matches)."""
+    with pathlib.Path(path).open("rb") as stream:
+        stream.seek(_HEADER)
+        return stream.read(_DIGEST).hex()
+
+
 def load(path: str | pathlib.Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_atomic`, after verifying its checksum."""
     path = pathlib.Path(path)

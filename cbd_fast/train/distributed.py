@@ -14,6 +14,7 @@ over ranks. The sum of the ranks' weighted losses is the single-process loss on 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -147,6 +148,35 @@ class Distributed:
             data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
         dist.broadcast(data, 0)
         return json.loads(bytes(data.cpu().tolist()).decode())
+
+    def gather_json(self, value: Any, device: torch.device) -> list:
+        """Every rank's ``value`` (JSON-serialisable), in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        payload = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8).to(device)
+        lengths = _gather(torch.tensor([payload.numel()], dtype=torch.long, device=device), [1] * self.world_size)
+        lengths = lengths.tolist()
+        data = _gather(payload, lengths).cpu()
+        values, start = [], 0
+        for length in lengths:
+            values.append(json.loads(bytes(data[start:start + length].tolist()).decode()))
+            start += length
+        return values
+
+    def disagreement(self, value: Any, device: torch.device) -> Optional[list]:
+        """None when every rank holds the same ``value`` (JSON-serialisable), else every rank's value in rank
+        order — on every rank, so that all ranks can raise the same error instead of some of them waiting forever
+        in the next collective. One all-reduce of a 56-bit digest; the values travel only when they differ."""
+        if not self.enabled:
+            return None
+        digest = int.from_bytes(hashlib.blake2b(json.dumps(value, sort_keys=True).encode(), digest_size=7).digest(),
+                                "little")
+        extremes = torch.tensor([digest, -digest], dtype=torch.long, device=device)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # [max, -min] of the digests
+        largest, smallest = extremes.tolist()
+        if largest == -smallest:
+            return None
+        return self.gather_json(value, device)
 
 
 def _gather(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:

@@ -235,6 +235,9 @@ class Trainer:
         if self.dist.enabled:  # this rank's part of the global batch's loss (DESIGN §6.2)
             share = batch["images"].shape[0] / sum(batch["shard_sizes"])
             names = list(terms.parts)
+            every = self.dist.disagreement(names, self.device)
+            if every is not None:  # the reduction below would pair up different terms, or fail, or hang
+                raise different_terms_error(every, where, self.config["method"])
             local = torch.tensor([terms.total.item(), *terms.parts.values()], dtype=torch.float64) * share
             summed = self.dist.all_reduce_(local.to(self.device)).tolist()
             terms = LossTerms(terms.total, dict(zip(names, summed[1:])), summed[0])
@@ -456,15 +459,31 @@ class Trainer:
     def resume(self, path: str | pathlib.Path | None = None) -> bool:
         """Restore from ``path`` (default: this run's last checkpoint). Returns False when there is none.
 
+        In a distributed run every rank reads the checkpoint itself; unless all find the same one (or all find
+        none), every rank raises :class:`~cbd_fast.config.ConfigError` — ``output_dir`` on a file system that is
+        not shared by all nodes — rather than ranks training from different states.
+
         The checkpoint must come from a run of the same config (:func:`cbd_fast.config.differences`), else
         :class:`~cbd_fast.config.ConfigError` lists the keys that differ.
         """
         path = pathlib.Path(path) if path else self.checkpoint_path
         if self.dist.is_main:
             remove_stale_temporaries(path)  # left by a write that was killed
-        if not path.is_file():
+        state, view, failure = None, None, None  # view: what this rank found, compared with the other ranks'
+        if path.is_file():
+            try:
+                state = checkpoint.load(path)
+                view = {"sha256": checkpoint.stored_digest(path), "next_task": state["next_task"],
+                        "next_epoch": state["next_epoch"], "next_step": state.get("next_step", 0)}
+            except (checkpoint.CheckpointError, OSError) as exc:
+                view, failure = {"error": str(exc)}, exc
+        views = self.dist.disagreement(view, self.device)
+        if views is not None:
+            raise different_checkpoints_error(path, views, self.config["output_dir"])
+        if failure is not None:  # the same unreadable file on every rank
+            raise failure
+        if state is None:
             return False
-        state = checkpoint.load(path)
         self._check_same_run(state, path)
         self.model.load_state_dict(state["model"])
         if state["old_model"] is not None:
@@ -509,6 +528,36 @@ class Trainer:
             if stored.get(key) != self.config[key]:
                 log.warning("resuming with %s=%s where the run had %s=%s: the results will not be bit-identical "
                             "to an uninterrupted run", key, self.config[key], key, stored.get(key))
+
+
+def different_terms_error(every: list[list[str]], where: str, method: str) -> RuntimeError:
+    """The error of a distributed step whose ranks computed different loss terms: ``every[r]``, rank r's names."""
+    seen = "; ".join(f"rank {rank}: {', '.join(names) or 'none'}" for rank, names in enumerate(every))
+    return RuntimeError(f"the processes computed different loss terms at {where} ({seen}). Method {method!r} must "
+                        f"add the same terms in the same order on every rank (a term for which a rank's share has "
+                        f"no rows is added as zero)")
+
+
+def different_checkpoints_error(path: pathlib.Path, views: list, output_dir: str) -> ConfigError:
+    """The error of a distributed resume whose ranks found different checkpoints at ``path``: ``views[r]`` is what
+    rank r found (None: no file; ``{"error": message}``; or the checkpoint's ``sha256`` and position)."""
+    def found(view) -> str:
+        if view is None:
+            return "no checkpoint"
+        if "error" in view:
+            return f"an unreadable file ({view['error']})"
+        return (f"a checkpoint after {view['next_task']} task(s) + {view['next_epoch']} epoch(s) + "
+                f"{view['next_step']} step(s) (SHA-256 {view['sha256'][:12]}…)")
+
+    ranks: dict[str, list[int]] = {}
+    for rank, view in enumerate(views):
+        ranks.setdefault(found(view), []).append(rank)
+    seen = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {what}"
+                     for what, r in ranks.items())
+    return ConfigError(f"the {len(views)} processes do not see the same checkpoint at {path} ({seen}). Every "
+                       f"process reads the checkpoint that rank 0 writes, so output_dir ({output_dir}) must be on a "
+                       f"file system shared by all nodes (README, Scaling out); with --resume PATH, PATH must be "
+                       f"the same file on every node")
 
 
 def progress_label(task_index: int, num_tasks: int, epoch: int, epochs: int) -> str:
