@@ -234,6 +234,9 @@ def _train_with(trainer, args: argparse.Namespace, run_dir: pathlib.Path) -> int
         shutil.rmtree(run_dir)
         log.info("deleted the previous run in %s (--overwrite)", run_dir)
     trainer.dist.barrier()  # no rank reads the run folder while rank 0 deletes it
+    log.info("run folder %s; device %s; %d CPU thread(s) (OMP_WAIT_POLICY=%s)%s", run_dir, trainer.device,
+             trainer.threads, os.environ.get("OMP_WAIT_POLICY", "unset"),
+             f"; {trainer.dist.world_size} processes ({trainer.dist.backend})" if trainer.dist.enabled else "")
     if args.resume:
         path = None if args.resume == "latest" else pathlib.Path(args.resume)
         if path is not None and not path.is_file():
@@ -249,9 +252,6 @@ def _train_with(trainer, args: argparse.Namespace, run_dir: pathlib.Path) -> int
             return 0
         else:
             log.info("resuming %s after %s (from %s)", run_dir, trainer.saved_at, path or trainer.checkpoint_path)
-    log.info("run folder %s; device %s; %d CPU thread(s) (OMP_WAIT_POLICY=%s)%s", run_dir, trainer.device,
-             trainer.threads, os.environ.get("OMP_WAIT_POLICY", "unset"),
-             f"; {trainer.dist.world_size} processes ({trainer.dist.backend})" if trainer.dist.enabled else "")
     with logging_redirect_tqdm(loggers=[logging.getLogger("cbd_fast")]):  # log lines print above the bars
         document = trainer.run()
     if main:
