@@ -132,14 +132,15 @@ def _os_error_message(exc: OSError) -> str:
     return message
 
 
-def _run_state(run_dir: pathlib.Path) -> str:
-    """``finished (3/3 tasks trained)`` or ``unfinished (...)``, from the run's metrics.json."""
+def _run_state(run_dir: pathlib.Path) -> tuple[bool, str]:
+    """Whether the run in ``run_dir`` is finished, and how far it got (``3/3 tasks trained``), from its
+    metrics.json."""
     try:
         document = json.loads((run_dir / "metrics.json").read_text())
         trained, total = int(document["tasks_trained"]), len(document["tasks"])
     except (OSError, ValueError, KeyError, TypeError):
-        return "unfinished (no task finished)"
-    return f"{'finished' if trained >= total else 'unfinished'} ({trained}/{total} tasks trained)"
+        return False, "no task finished"
+    return trained >= total, f"{trained}/{total} tasks trained"
 
 
 def check_run_folder(run_dir: pathlib.Path, resume: bool, overwrite: bool) -> None:
@@ -156,7 +157,12 @@ def check_run_folder(run_dir: pathlib.Path, resume: bool, overwrite: bool) -> No
                              f"choose another name (--name) or output_dir")
     if resume or overwrite:
         return
-    raise RunFolderError(f"run folder {run_dir} already holds a run, {_run_state(run_dir)}; --resume continues "
+    finished, progress = _run_state(run_dir)
+    if finished:
+        raise RunFolderError(f"run folder {run_dir} already holds a run, finished ({progress}); there is nothing "
+                             f"to continue (--resume only prints its results table): --overwrite deletes it and "
+                             f"trains again, --name NAME writes elsewhere")
+    raise RunFolderError(f"run folder {run_dir} already holds a run, unfinished ({progress}); --resume continues "
                          f"it, --overwrite deletes it and starts again, --name NAME writes elsewhere")
 
 
@@ -228,6 +234,9 @@ def _train_with(trainer, args: argparse.Namespace, run_dir: pathlib.Path) -> int
         shutil.rmtree(run_dir)
         log.info("deleted the previous run in %s (--overwrite)", run_dir)
     trainer.dist.barrier()  # no rank reads the run folder while rank 0 deletes it
+    log.info("run folder %s; device %s; %d CPU thread(s) (OMP_WAIT_POLICY=%s)%s", run_dir, trainer.device,
+             trainer.threads, os.environ.get("OMP_WAIT_POLICY", "unset"),
+             f"; {trainer.dist.world_size} processes ({trainer.dist.backend})" if trainer.dist.enabled else "")
     if args.resume:
         path = None if args.resume == "latest" else pathlib.Path(args.resume)
         if not trainer.resume(path):  # (every rank looks; they agree, or all of them raise)
@@ -243,9 +252,6 @@ def _train_with(trainer, args: argparse.Namespace, run_dir: pathlib.Path) -> int
             return 0
         else:
             log.info("resuming %s after %s (from %s)", run_dir, trainer.saved_at, path or trainer.checkpoint_path)
-    log.info("run folder %s; device %s; %d CPU thread(s) (OMP_WAIT_POLICY=%s)%s", run_dir, trainer.device,
-             trainer.threads, os.environ.get("OMP_WAIT_POLICY", "unset"),
-             f"; {trainer.dist.world_size} processes ({trainer.dist.backend})" if trainer.dist.enabled else "")
     with logging_redirect_tqdm(loggers=[logging.getLogger("cbd_fast")]):  # log lines print above the bars
         document = trainer.run()
     if main:

@@ -96,27 +96,49 @@ def test_no_cuda_is_a_user_error(tmp_path):
 
 
 @pytest.mark.skipif(not cbd_fast.has_extension(), reason="training uses the compiled ops")
-def test_a_logged_run_with_a_scenario_file(tmp_path):
+def test_a_logged_run_with_a_scenario_file_then_the_same_command_again(tmp_path):
     scenario = tmp_path / "scenario.yaml"
     scenario.write_text(yaml.safe_dump(dict(TINY["data"], num_tasks=3)))
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k != "data"}))
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # what device=auto picks
+    command = [CBD_TRAIN, "data.num_tasks=2", "--config", config, f"data={scenario}", "--threads", "2", "device=auto"]
     # stderr is a pipe (a redirected log): no bars, one line per epoch
-    result = run(CBD_TRAIN, "data.num_tasks=2", "--config", config, f"data={scenario}", "--threads", "2", cwd=tmp_path,
-                 env=env)
+    result = run(*command, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stderr
     epoch_lines = [line for line in result.stderr.splitlines() if " epoch " in line]
     assert [line.split()[1:5] for line in epoch_lines] == [
         ["task", f"{t}/2", "epoch", f"{e}/2"] for t in (1, 2) for e in (1, 2)]
     assert "prompt_key_cos=" in epoch_lines[0] and "prompt_pull" not in result.stderr
-    assert "2 CPU thread(s) (OMP_WAIT_POLICY=PASSIVE)" in result.stderr
+    assert f"device {device}; 2 CPU thread(s) (OMP_WAIT_POLICY=PASSIVE)" in result.stderr
     run_dir = tmp_path / "runs" / "e2e"
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert recorded["data"] == dict(TINY["data"], num_tasks=2, workers=0) and recorded["device"] == "cpu"
+    assert recorded["data"] == dict(TINY["data"], num_tasks=2, workers=0)
+    assert recorded["device"] == device  # the device in use, not "auto"
     document = json.loads((run_dir / "metrics.json").read_text())
     assert document["threads"] == 2 and len(document["tasks"]) == 2
+    finished = (run_dir / "metrics.json").read_bytes()
+
+    # the same command again: refused, the run is finished and stays as it was
+    again = run(*command, cwd=tmp_path, env=env)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert again.stderr.startswith(f"cbd-train: error: run folder {pathlib.Path('runs', 'e2e')} already holds a run, "
+                                   "finished (2/2 tasks trained); there is nothing to continue (--resume only prints "
+                                   "its results table): --overwrite deletes it and trains again, --name NAME")
+    # --resume: says it is finished and prints the table; the user's own OMP_WAIT_POLICY is kept, not made passive
+    resumed = run(*command, "--resume", cwd=tmp_path, env=dict(env, OMP_WAIT_POLICY="ACTIVE"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "the run is finished (all 2 tasks trained); nothing to resume" in resumed.stderr
+    assert "resuming" not in resumed.stderr and "forgetting" in resumed.stdout
+    assert f"device {device}; 2 CPU thread(s) (OMP_WAIT_POLICY=ACTIVE)" in resumed.stderr
+    # --resume under another config: refused, naming what differs
+    changed = run(*command, "--resume", "train.lr=0.01", cwd=tmp_path, env=env)
+    assert changed.returncode == 2, changed.stderr
+    assert "another config, which --resume cannot continue; differences (checkpoint -> now): train.lr: 0.0005 -> " \
+           "0.01." in changed.stderr and "Traceback" not in changed.stderr
+    assert (run_dir / "metrics.json").read_bytes() == finished
 
 
 def test_progress_bar_keeps_its_width_at_120_columns():

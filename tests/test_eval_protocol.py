@@ -10,7 +10,7 @@ import yaml
 import cbd_fast
 from cbd_fast import config as config_lib
 from cbd_fast.data import build_tasks
-from cbd_fast.eval import compare, evaluate
+from cbd_fast.eval import compare, evaluate, report
 from cbd_fast.eval.evaluate import collect_test_items, evaluate_tasks, score_blocks
 from cbd_fast.eval.report import build_document, write_reports
 from cbd_fast.maxsim import maxsim
@@ -128,6 +128,37 @@ def test_bad_eval_config_names_the_key(model_and_tasks, key, value, message):
     model, tasks = model_and_tasks
     with pytest.raises(ValueError, match=message):
         evaluate_tasks(model, tasks, 0, torch.device("cpu"), dict(EVAL, **{key: value}))
+
+
+def test_run_plots_scale_to_the_data_and_number_tasks_from_1(tmp_path, monkeypatch):
+    """accuracy_matrix.png and task_curves.png of a run whose best value is 41: colours and curves span the data
+    (a fixed 0–100 scale draws every cell dark), and tasks are numbered from 1 as in the log."""
+    rows = [[2.0, 3.0], [41.0, 6.0], [30.0, 38.0]]  # before training, after task 1, after task 2
+    results = [{"per_task": [{"mean_R@1": v} for v in row], "cumulative": [{"mean_R@1": v - 1.0} for v in row]}
+               for row in rows]
+    document = build_document("run", ["a", "b"], results, {"captions": "all"})
+    figures = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.__setitem__(path.name, fig))
+    report.plot_accuracy(tmp_path, document, "mean_R@1")
+    assert sorted(figures) == ["accuracy_matrix.png", "task_curves.png"]
+
+    heatmaps = [ax for ax in figures["accuracy_matrix.png"].axes if ax.images]  # not the colour bars
+    assert len(heatmaps) == 2  # per-task and cumulative gallery
+    for ax in heatmaps:
+        assert ax.images[0].get_clim() == (1.0, 41.0)  # the data's range over both galleries, not 0–100
+        assert [label.get_text() for label in ax.get_xticklabels()] == ["task 1\na", "task 2\nb"]
+        assert [label.get_text() for label in ax.get_yticklabels()] == ["before training", "after task 1",
+                                                                          "after task 2"]
+    curves = figures["task_curves.png"].axes
+    assert len(curves) == 2
+    for ax in curves:
+        low, high = ax.get_ylim()
+        plotted = [y for line in ax.get_lines() for y in line.get_ydata()]
+        assert low <= min(plotted) and max(plotted) <= high  # every point visible
+        assert -1.0 <= low < 1.0 and 41.0 < high <= 43.0  # and the axis no wider than the data and a margin
+        assert list(ax.get_xticks()) == [0, 1, 2]  # tasks trained, 0 = before training
+    legend = curves[-1].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == ["task 1: a", "task 2: b"]
 
 
 # ------------------------------------------------------------------------------------------- cbd-report

@@ -63,7 +63,9 @@ def test_train_outputs_and_exact_resume(tmp_path, capsys):
     # a second run into the same folder is refused: the finished run stays as it was
     before = (run / "checkpoints" / "last.pt").read_bytes()
     assert _run(tmp_path, "cbd_s3") == 2
-    assert "already holds a run, finished (2/2 tasks trained); --resume" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "already holds a run, finished (2/2 tasks trained); there is nothing to continue (--resume only prints" \
+           " its results table)" in error and "continues" not in error
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
     document = _metrics(tmp_path, "cbd_s3")
     assert document["tasks_trained"] == 2
