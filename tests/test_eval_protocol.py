@@ -62,6 +62,18 @@ def test_cumulative_and_per_task_galleries(model_and_tasks):
     assert after_three["cumulative"][0] != cumulative[0]
 
 
+def test_gallery_metrics_take_one_kind_of_scores(model_and_tasks):
+    _, tasks = model_and_tasks
+    items = collect_test_items(tasks, "all")
+    scores = torch.rand(len(items.captions), len(items.image_task), generator=torch.Generator().manual_seed(0))
+    names = ["a", "b", "c"]
+    whole = evaluate.gallery_metrics(items, 2, names, scores=scores)
+    blocks = [scores[items.task_rows(j), items.task_cols(j)] for j in range(3)]
+    assert evaluate.gallery_metrics(items, 2, names, task_scores=blocks) == {"per_task": whole["per_task"]}
+    for kwargs in ({}, dict(scores=scores, task_scores=blocks)):
+        with pytest.raises(ValueError, match="exactly one of them"):
+            evaluate.gallery_metrics(items, 2, names, **kwargs)
+
 def test_oracle_prompt_selection_runs_per_caption(model_and_tasks):
     model, tasks = model_and_tasks
     model.set_num_active_prompts(3)
