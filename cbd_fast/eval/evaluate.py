@@ -2,9 +2,12 @@
 
 Every caption of every test image is a query (``eval.captions: all``; ``first`` keeps one per image). The
 images of all tasks are encoded once and held; captions are encoded in batches sorted by token count, trimmed to
-their longest caption and scored against the images with ``maxsim`` in blocks, so the scoring holds
-``O(block · gallery chunk · (T + V))`` besides the ``[captions, images]`` float32 score matrix. Every gallery is
-a slice of that matrix:
+their longest caption and scored against the images with ``maxsim`` in blocks, so that besides the image features
+and the ``[captions, images]`` float32 score matrix the scoring holds one block of caption features and one
+call's ``[block, gallery chunk]`` scores (see ``SCORE_BLOCK_ELEMENTS``). The score matrix is kept whole: image→text
+ranks each image against every caption, class mAP sorts whole rows and a method's ``rescore`` replaces the whole
+matrix; the metrics then hold O(chunk · gallery) more (:data:`~cbd_fast.eval.metrics.CHUNK_ELEMENTS`). Every
+gallery is a slice of that matrix:
 
 * per-task gallery: task ``j``'s captions against task ``j``'s images;
 * cumulative gallery of task ``j`` after ``i`` trained tasks: the test sets of tasks ``1..max(i, j)`` together
@@ -26,8 +29,12 @@ PROMPT_SELECTION = ("key", "task_id")
 # Captions scored against the gallery in one pass (padded to the longest of them): large enough that the
 # per-call work dwarfs the overhead, small enough that the length sort keeps the padding low.
 TEXT_BLOCK = 1024
-# (caption, image, token) entries of one maxsim call: the CPU op keeps the per-pair maxima and their arg-max
-# (8 bytes per entry), so this bounds the scoring's working memory to 64 MiB whatever the gallery size.
+# (caption, image, token) entries of one maxsim call: a block of b captions is scored against chunks of
+# SCORE_BLOCK_ELEMENTS / (b · (T + V)) images, so a call returns b · chunk = SCORE_BLOCK_ELEMENTS / (T + V) scores
+# (512 KiB at T + V = 64). That output is what this bounds: the C++ CPU forward keeps no per-entry state (it folds
+# cache-sized similarity tiles into the pairs' maxima as they are made, holding besides its output only the token
+# coefficients and a fixed tile workspace of about 2 MiB per thread), and the torch backend holds at most
+# TORCH_BLOCK_ELEMENTS similarities whatever the call's size.
 SCORE_BLOCK_ELEMENTS = 2**23
 
 
