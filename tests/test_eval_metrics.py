@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cbd_fast.eval.metrics import (Matches, average_precision, best_positive_ranks, continual_summary,
-                                   query_metrics, retrieval_metrics)
+                                   median_rank, query_metrics, retrieval_metrics)
 from cbd_fast.eval.report import format_number
 
 # Six captions, two per image (captions 2q and 2q+1 describe image q), three images.
@@ -35,7 +35,8 @@ def test_retrieval_metrics_by_hand():
     m = retrieval_metrics(SCORES, POSITIVE)
     assert m["t2i_R@1"] == pytest.approx(100 * 3 / 6)
     assert m["t2i_R@5"] == m["t2i_R@10"] == pytest.approx(100.0)
-    assert m["t2i_MedR"] == pytest.approx(1.5)  # ranks 1 1 1 2 2 3: mean of the two middle ones
+    # ranks 1 1 1 2 2 3: floor of the mean of the two middle ones (VSE++/SCAN), not their mean 1.5
+    assert m["t2i_MedR"] == 1.0
     assert m["t2i_MRR"] == pytest.approx(100 * (1 + 1 / 2 + 1 / 2 + 1 + 1 / 3 + 1) / 6)
     assert m["i2t_R@1"] == pytest.approx(100 * 2 / 3)
     assert m["i2t_MedR"] == pytest.approx(1.0)
@@ -43,6 +44,17 @@ def test_retrieval_metrics_by_hand():
     assert m["rsum"] == pytest.approx(50 + 100 + 100 + 200 / 3 + 100 + 100)
     assert m["mean_R@1"] == pytest.approx(0.5 * (50 + 200 / 3))
     assert "t2i_mAP" not in m  # no labels given
+
+
+def test_median_rank_floors_the_mean_of_the_two_middle_ranks():
+    # caption q's image is column q; caption 0 is first, caption 1 has 3 other images above it: ranks 1 and 4.
+    # VSE++/SCAN: floor(median of 0-based ranks 0, 3) + 1 = floor(1.5) + 1 = 2 (the plain median would be 2.5)
+    scores = torch.tensor([[0.9, 0.1, 0.2, 0.3], [0.8, 0.5, 0.7, 0.6]])
+    positive = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    assert best_positive_ranks(scores, positive).tolist() == [1, 4]
+    assert query_metrics(scores, positive)["MedR"] == 2.0
+    assert median_rank(torch.tensor([7, 2, 5])) == 5.0  # odd count: the middle rank
+    assert median_rank(torch.tensor([3])) == 3.0 and median_rank(torch.tensor([2, 3, 9, 10])) == 6.0
 
 
 def test_duplicate_positives_rank_the_best_one():

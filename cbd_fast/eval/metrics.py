@@ -140,13 +140,20 @@ def average_precision(scores: torch.Tensor, relevant: Positive, where: str = "sc
     return torch.cat(out)
 
 
+def median_rank(ranks: torch.Tensor) -> float:
+    """``MedR`` of 1-based ``ranks[Q]`` as VSE++ and SCAN compute it, ``floor(median(ranks - 1)) + 1``: the middle
+    rank, and for an even count the floor of the mean of the two middle ranks (DESIGN §7)."""
+    middle = ranks.sort().values[[(len(ranks) - 1) // 2, len(ranks) // 2]]
+    return float(int(middle.sum()) // 2)
+
+
 def query_metrics(scores: torch.Tensor, positive: Positive, query_labels: torch.Tensor | None = None,
                   gallery_labels: torch.Tensor | None = None, where: str = "scores") -> dict[str, float]:
-    """One retrieval direction, queries in rows: ``R@1``, ``R@5``, ``R@10``, ``MRR`` (percent), ``MedR`` (rank)
-    and, when every query and gallery item has a class label (>= 0), ``mAP`` (class-level mAP@all, percent)."""
+    """One retrieval direction, queries in rows: ``R@1``, ``R@5``, ``R@10``, ``MRR`` (percent), ``MedR`` (rank,
+    :func:`median_rank`) and, when every query and gallery item has a class label (>= 0), ``mAP`` (class-level mAP@all, percent)."""
     ranks = best_positive_ranks(scores, positive, where)
     out = {f"R@{k}": 100.0 * (ranks <= k).double().mean().item() for k in RECALL_AT}
-    out["MedR"] = ranks.double().quantile(0.5).item()  # the mean of the two middle ranks for an even count
+    out["MedR"] = median_rank(ranks)
     out["MRR"] = 100.0 * (1.0 / ranks.double()).mean().item()
     if query_labels is not None and gallery_labels is not None:
         query_labels, gallery_labels = query_labels.reshape(-1).cpu(), gallery_labels.reshape(-1).cpu()
