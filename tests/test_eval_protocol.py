@@ -195,6 +195,17 @@ def test_cbd_report_groups_seeds_skips_unfinished_and_writes_three_formats(tmp_p
     assert r"\begin{tabular}" in latex and r"cbd\_lr" in latex and r"$60.0 \pm 7.1$" in latex
 
 
+def test_cbd_report_latex_escapes_every_special_character(tmp_path):
+    _fake_run(tmp_path, "cbd_s0", 0, 1e-3, [[0, 0], [40, 5], [30, 50]])
+    report = compare.build_report([tmp_path / "cbd_s0"])
+    report.groups[0].method = "a_b%c&d#e$f{g}h~i^j\\k"
+    report.groups[0].scenario = "x^2 ~ {y}"
+    latex = compare.to_latex(report)
+    assert latex.splitlines()[1] == r"% needs \usepackage{booktabs}"
+    row = latex.splitlines()[6]
+    assert row.startswith(r"x\textasciicircum{}2 \textasciitilde{} \{y\} & a\_b\%c\&d\#e\$f\{g\}h\textasciitilde{}i"
+                          r"\textasciicircum{}j\textbackslash{}k & 1 & $55.0$"), row
+
 def test_cbd_report_names_what_differs_between_groups_with_one_name(tmp_path, capsys):
     runs = tmp_path / "runs"
     _fake_run(runs / "a", "cbd_s0", 0, 1e-3, [[0, 0], [40, 5], [30, 50]])

@@ -337,14 +337,20 @@ def to_csv(report: Report) -> str:
     return stream.getvalue()
 
 
+# LaTeX's special characters in text mode and what typesets each as itself (one pass: a replacement's own
+# backslash and braces are not escaped again)
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                 "^": r"\textasciicircum{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$"}
+
+
 def _latex_escape(text: str) -> str:
-    return re.sub(r"([_%&#$])", r"\\\1", text)
+    return re.sub(r"[\\{}~^_%&#$]", lambda match: LATEX_SPECIAL[match.group()], text)
 
 
 def to_latex(report: Report) -> str:
     header = ["Scenario", "Method", "Seeds", *report.headers]
     lines = ["% cbd-report: " + _latex_escape(f"{report.metric}, mean ± std over seeds; notes in report.md"),
-             r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
+             r"% needs \usepackage{booktabs}", r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
              " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
     for group, row in zip(report.groups, report.cells):
         cells = [_cell(m, s, _digits(c), r" \pm ") for c, (m, s) in enumerate(row)]
