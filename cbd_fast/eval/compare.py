@@ -220,11 +220,11 @@ def _seeds(group: Group) -> str:
 def legend(report: Report) -> list[str]:
     return [f"Metric: {report.metric} (DESIGN §7), mean ± sample std over the runs of a group; a group's runs have "
             "equal configs except the seed (which also draws the synthetic data); n/a: undefined (e.g. fewer than "
-            "2 tasks) or not evaluated. Final avg = final average over the tasks after the last one (MTIL's Last), "
-            "MTIL Avg = MTIL's Avg (each task's mean over the rows after tasks 1..t, those before it is trained "
-            "included, averaged over tasks), LA = learning accuracy, F = forgetting (Chaudhry), BWT/FWT (Lopez-Paz "
-            "& Ranzato, FWT against the pre-training row), Transfer (MTIL), Initial avg = average before training "
-            "(row 0), cum. Final avg = final average in the cumulative gallery.", TIMING_NOTE]
+            "2 tasks) or not evaluated. Final avg = final average over the tasks once the last is trained (MTIL's "
+            "Last), MTIL Avg = MTIL's Avg (each task's mean over the rows after tasks 1..t, those before it is "
+            "trained included, averaged over tasks), LA = learning accuracy, F = forgetting (Chaudhry), BWT/FWT "
+            "(Lopez-Paz & Ranzato, FWT against the pre-training row), Transfer (MTIL), Initial avg = average before "
+            "training (row 0), cum. Final avg = final average in the cumulative gallery.", TIMING_NOTE]
 
 
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (1..20); beyond 20 the value at 20 (conservative).
