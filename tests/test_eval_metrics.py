@@ -242,6 +242,7 @@ def test_matches_with_bad_ids_are_errors():
     with pytest.raises(ValueError, match="relevant ids must be integer vectors"):
         average_precision(SCORES, Matches(IMAGE_OF_CAPTION[:, None], torch.arange(3)))
 
+
 # ------------------------------------------------------------------------------------------------ summaries
 
 # a[i][j]: rows 0 (before training) .. 3, tasks 1..3

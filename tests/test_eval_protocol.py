@@ -74,6 +74,7 @@ def test_gallery_metrics_take_one_kind_of_scores(model_and_tasks):
         with pytest.raises(ValueError, match="exactly one of them"):
             evaluate.gallery_metrics(items, 2, names, **kwargs)
 
+
 def test_oracle_prompt_selection_runs_per_caption(model_and_tasks):
     model, tasks = model_and_tasks
     model.set_num_active_prompts(3)
@@ -212,6 +213,7 @@ def test_cbd_report_latex_escapes_every_special_character(tmp_path):
     row = latex.splitlines()[6]
     assert row.startswith(r"x\textasciicircum{}2 \textasciitilde{} \{y\} & a\_b\%c\&d\#e\$f\{g\}h\textasciitilde{}i"
                           r"\textasciicircum{}j\textbackslash{}k & 1 & $55.0$"), row
+
 
 def test_cbd_report_names_what_differs_between_groups_with_one_name(tmp_path, capsys):
     runs = tmp_path / "runs"
