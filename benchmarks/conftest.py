@@ -153,8 +153,9 @@ def _eval_summary(info: dict, metrics: dict) -> list[str]:
         f"| {info['num_captions']:,} × {info['num_images']:,} | {info['mean_caption_tokens']:.1f} "
         f"({info['mean_padded_tokens']:.1f}) | {_format_time(info['scoring_s'])} | {_format_time(info['metrics_s'])} "
         f"| {info['peak_cpu_bytes'] / mib:,.0f} MiB | {info['feature_bytes'] / mib:,.0f} MiB |", "",
-        "The peak holds the float32 score matrix (captions × images × 4 bytes) and the positive mask (1 byte per "
-        "entry) plus the chunked working memory; random features, so the recalls are chance level: "
+        "The peak holds the float32 score matrix (captions × images × 4 bytes) plus the chunked working memory of "
+        "the scoring and of the metrics (which build the positives a row chunk at a time from each caption's image "
+        "index); random features, so the recalls are chance level: "
         + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith(("R@1", "MedR"))) + ".",
     ]
 

@@ -14,9 +14,12 @@ run) the same token counts at 1,000 × 200, which also checks the blocked scores
 Timed, once: what :func:`cbd_fast.eval.evaluate.evaluate_tasks` does after encoding — caption features in
 length-sorted blocks of ``TEXT_BLOCK`` trimmed to their longest caption, scored against the gallery with
 ``maxsim`` (C++ op) in chunks of ``SCORE_BLOCK_ELEMENTS``, into a ``[25000, 5000]`` float32 matrix, then
-:func:`~cbd_fast.eval.metrics.retrieval_metrics` in both directions (pessimistic ranks, R@1/5/10, MedR, MRR).
-Peak memory is the torch CPU allocator's high-water mark during that call above what was held before (the
-features, generated beforehand, are not counted; their sizes are listed in the results file).
+:func:`~cbd_fast.eval.evaluate.gallery_metrics` of that one gallery in both directions (pessimistic ranks,
+R@1/5/10, MedR, MRR; positives built a row chunk at a time from each caption's image index). Peak memory is the
+torch CPU allocator's high-water mark during that call above what was held before (the features, generated
+beforehand, are not counted; their sizes are listed in the results file).
+
+Also (not timed, in every run): the metrics' working memory does not grow with queries × gallery.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ import pytest
 import torch
 
 from _memory import peak_cpu_bytes  # benchmarks/ is on sys.path (rootdir-less test folder)
-from cbd_fast.eval.evaluate import TEXT_BLOCK, score_blocks
-from cbd_fast.eval.metrics import retrieval_metrics
+import cbd_fast.eval.metrics
+from cbd_fast.eval.evaluate import TEXT_BLOCK, EvalItems, gallery_metrics, score_blocks
 from cbd_fast.maxsim import maxsim
 from cbd_fast.model.dual_encoder import TokenFeatures
 
@@ -64,12 +67,21 @@ def make_inputs(num_images: int, captions_per_image: int):
     return image, blocks, image_of_caption, lengths
 
 
+def eval_items(image_of_caption: torch.Tensor, images_per_task: list[int]) -> EvalItems:
+    """The captions (texts left empty) and images of consecutive tasks, unlabelled; ``image_of_caption`` sorted."""
+    image_start = [0, *torch.tensor(images_per_task).cumsum(0).tolist()]
+    caption_start = [int((image_of_caption < start).sum()) for start in image_start]
+    image_task = torch.arange(len(images_per_task)).repeat_interleave(torch.tensor(images_per_task))
+    return EvalItems([""] * len(image_of_caption), image_of_caption, image_task[image_of_caption], image_task,
+                     torch.full((image_start[-1],), -1), caption_start, image_start)
+
+
 def evaluate(image, blocks, image_of_caption, timings: dict) -> dict:
     started = time.perf_counter()
     scores = score_blocks(iter(blocks), image, len(image_of_caption))
     timings["scoring_s"] = time.perf_counter() - started
-    positive = image_of_caption[:, None] == torch.arange(image.tokens.shape[0])[None, :]
-    metrics = retrieval_metrics(scores, positive, where="benchmark")
+    items = eval_items(image_of_caption, [image.tokens.shape[0]])
+    metrics = gallery_metrics(items, 1, ["benchmark"], task_scores=[scores])["per_task"][0]
     timings["total_s"] = time.perf_counter() - started
     timings["metrics_s"] = timings["total_s"] - timings["scoring_s"]
     timings["scores"] = scores
@@ -114,3 +126,22 @@ def test_coco5k_sized_evaluation(benchmark, eval_record):
                                 **{k: round(v, 3) for k, v in timings.items()})
     if not benchmark.disabled:
         eval_record(dict(benchmark.extra_info), metrics)
+
+
+def test_metrics_hold_chunks_not_a_query_by_gallery_mask(monkeypatch):
+    """Both galleries of two tasks (7,000 captions × 700 images, 5 per image, class labels: mAP too): the peak
+    memory of the metrics above the score matrix stays below a quarter of one byte per score — positives and class
+    relevance are built a row chunk at a time, not as [Q, G] masks — and does not grow with the gallery."""
+    monkeypatch.setattr(cbd_fast.eval.metrics, "CHUNK_ELEMENTS", 2**13)
+    gen = torch.Generator().manual_seed(0)
+    peaks = []
+    for num_images in (350, 700):
+        image_of_caption = torch.arange(num_images).repeat_interleave(5)
+        items = eval_items(image_of_caption, [num_images // 2, num_images - num_images // 2])
+        items.image_labels = torch.randint(0, 10, (num_images,), generator=gen)
+        scores = torch.randint(0, 50, (len(image_of_caption), num_images), generator=gen).float()  # with ties
+        record = {}
+        peaks.append(peak_cpu_bytes(lambda: record.update(gallery_metrics(items, 1, ["a", "b"], scores=scores))))
+        assert len(record["per_task"]) == len(record["cumulative"]) == 2 and "t2i_mAP" in record["cumulative"][1]
+    assert peaks[1] < scores.numel() / 4, (peaks, scores.numel())
+    assert peaks[1] < 1.5 * peaks[0], peaks  # 4x the scores, about the same working memory

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from cbd_fast.eval.metrics import (average_precision, best_positive_ranks, continual_summary, query_metrics,
-                                   retrieval_metrics)
+from cbd_fast.eval.metrics import (Matches, average_precision, best_positive_ranks, continual_summary,
+                                   median_rank, query_metrics, retrieval_metrics)
 from cbd_fast.eval.report import format_number
 
 # Six captions, two per image (captions 2q and 2q+1 describe image q), three images.
@@ -35,7 +35,8 @@ def test_retrieval_metrics_by_hand():
     m = retrieval_metrics(SCORES, POSITIVE)
     assert m["t2i_R@1"] == pytest.approx(100 * 3 / 6)
     assert m["t2i_R@5"] == m["t2i_R@10"] == pytest.approx(100.0)
-    assert m["t2i_MedR"] == pytest.approx(1.5)  # ranks 1 1 1 2 2 3: mean of the two middle ones
+    # ranks 1 1 1 2 2 3: floor of the mean of the two middle ones (VSE++/SCAN), not their mean 1.5
+    assert m["t2i_MedR"] == 1.0
     assert m["t2i_MRR"] == pytest.approx(100 * (1 + 1 / 2 + 1 / 2 + 1 + 1 / 3 + 1) / 6)
     assert m["i2t_R@1"] == pytest.approx(100 * 2 / 3)
     assert m["i2t_MedR"] == pytest.approx(1.0)
@@ -43,6 +44,17 @@ def test_retrieval_metrics_by_hand():
     assert m["rsum"] == pytest.approx(50 + 100 + 100 + 200 / 3 + 100 + 100)
     assert m["mean_R@1"] == pytest.approx(0.5 * (50 + 200 / 3))
     assert "t2i_mAP" not in m  # no labels given
+
+
+def test_median_rank_floors_the_mean_of_the_two_middle_ranks():
+    # caption q's image is column q; caption 0 is first, caption 1 has 3 other images above it: ranks 1 and 4.
+    # VSE++/SCAN: floor(median of 0-based ranks 0, 3) + 1 = floor(1.5) + 1 = 2 (the plain median would be 2.5)
+    scores = torch.tensor([[0.9, 0.1, 0.2, 0.3], [0.8, 0.5, 0.7, 0.6]])
+    positive = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    assert best_positive_ranks(scores, positive).tolist() == [1, 4]
+    assert query_metrics(scores, positive)["MedR"] == 2.0
+    assert median_rank(torch.tensor([7, 2, 5])) == 5.0  # odd count: the middle rank
+    assert median_rank(torch.tensor([3])) == 3.0 and median_rank(torch.tensor([2, 3, 9, 10])) == 6.0
 
 
 def test_duplicate_positives_rank_the_best_one():
@@ -166,6 +178,69 @@ def test_chunked_ranking_matches_one_pass(monkeypatch):
     whole = query_metrics(scores, positive, labels_q, labels_g)
     monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 64)  # 2 rows per chunk
     assert query_metrics(scores, positive, labels_q, labels_g) == whole
+
+
+
+def _random_gallery(seed: int):
+    """Scores with many ties of captions (1-4 per image, some repeated) against a gallery of those images in
+    which some images appear twice; the positives as ids and as the dense mask."""
+    gen = torch.Generator().manual_seed(seed)
+    num_images = 9
+    caption_image = torch.arange(num_images).repeat_interleave(torch.randint(1, 5, (num_images,), generator=gen))
+    gallery_ids = torch.cat([torch.arange(num_images), torch.randint(0, num_images, (3,), generator=gen)])
+    scores = torch.randint(0, 4, (len(caption_image), len(gallery_ids)), generator=gen).float()
+    repeated = torch.randint(0, len(caption_image), (3,), generator=gen)  # duplicate captions: same image, scores
+    caption_image = torch.cat([caption_image, caption_image[repeated]])
+    scores = torch.cat([scores, scores[repeated]])
+    classes = torch.randint(0, 3, (num_images,), generator=gen)
+    return scores, caption_image, gallery_ids, classes
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("chunk_rows", [None, 5, 1])
+def test_matches_built_by_chunk_equal_the_dense_mask(seed, chunk_rows, monkeypatch):
+    import cbd_fast.eval.metrics as metrics
+
+    scores, caption_image, gallery_ids, classes = _random_gallery(seed)
+    dense = caption_image[:, None] == gallery_ids[None, :]
+    text_labels, image_labels = classes[caption_image], classes[gallery_ids]
+    expected = retrieval_metrics(scores, dense, text_labels, image_labels)  # one chunk: the dense path
+    if chunk_rows is not None:  # chunks of chunk_rows rows text→image (fewer image→text, whose rows are longer)
+        monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", chunk_rows * scores.shape[1])
+    matches = Matches(caption_image, gallery_ids)
+    assert retrieval_metrics(scores, matches, text_labels, image_labels) == expected
+    for s, positive, dense_positive in ((scores, matches, dense), (scores.t(), matches.t(), dense.t())):
+        assert torch.equal(best_positive_ranks(s, positive), best_positive_ranks(s, dense_positive))
+    relevant = Matches(text_labels, image_labels)
+    assert torch.equal(average_precision(scores, relevant), average_precision(scores, text_labels[:, None] ==
+                                                                               image_labels[None, :]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_with_a_caption_whose_image_is_in_another_task(seed):
+    scores, caption_image, gallery_ids, _ = _random_gallery(seed)
+    # task A: images 0-4 (their first gallery columns) and its captions, plus one caption of image 7 (task B)
+    own = (caption_image < 5).nonzero().flatten()
+    stray = int((caption_image == 7).nonzero()[0])
+    rows, cols = torch.cat([own, torch.tensor([stray])]), torch.arange(5)
+    matches, dense = Matches(caption_image[rows], gallery_ids[cols]), caption_image[rows, None] == gallery_ids[cols]
+    message = rf"task A: query {len(own)} has no positive item in the gallery of 5"
+    for positive in (matches, dense):
+        with pytest.raises(ValueError, match=message):
+            best_positive_ranks(scores[rows][:, cols], positive, where="task A")
+    # in the gallery of both tasks it is ranked, the same way by both
+    union = Matches(caption_image[rows], gallery_ids)
+    assert torch.equal(best_positive_ranks(scores[rows], union),
+                       best_positive_ranks(scores[rows], caption_image[rows, None] == gallery_ids))
+
+
+def test_matches_with_bad_ids_are_errors():
+    with pytest.raises(ValueError, match=r"positive ids must be integer vectors of \[queries\] and \[gallery\]"):
+        best_positive_ranks(SCORES, Matches(IMAGE_OF_CAPTION, torch.arange(4)))  # 4 gallery ids for 3 columns
+    with pytest.raises(ValueError, match="positive ids must be integer vectors"):
+        best_positive_ranks(SCORES, Matches(IMAGE_OF_CAPTION.float(), torch.arange(3.0)))
+    with pytest.raises(ValueError, match="relevant ids must be integer vectors"):
+        average_precision(SCORES, Matches(IMAGE_OF_CAPTION[:, None], torch.arange(3)))
 
 
 # ------------------------------------------------------------------------------------------------ summaries

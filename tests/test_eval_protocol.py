@@ -62,6 +62,19 @@ def test_cumulative_and_per_task_galleries(model_and_tasks):
     assert after_three["cumulative"][0] != cumulative[0]
 
 
+def test_gallery_metrics_take_one_kind_of_scores(model_and_tasks):
+    _, tasks = model_and_tasks
+    items = collect_test_items(tasks, "all")
+    scores = torch.rand(len(items.captions), len(items.image_task), generator=torch.Generator().manual_seed(0))
+    names = ["a", "b", "c"]
+    whole = evaluate.gallery_metrics(items, 2, names, scores=scores)
+    blocks = [scores[items.task_rows(j), items.task_cols(j)] for j in range(3)]
+    assert evaluate.gallery_metrics(items, 2, names, task_scores=blocks) == {"per_task": whole["per_task"]}
+    for kwargs in ({}, dict(scores=scores, task_scores=blocks)):
+        with pytest.raises(ValueError, match="exactly one of them"):
+            evaluate.gallery_metrics(items, 2, names, **kwargs)
+
+
 def test_oracle_prompt_selection_runs_per_caption(model_and_tasks):
     model, tasks = model_and_tasks
     model.set_num_active_prompts(3)
@@ -186,8 +199,10 @@ def _fake_run(root, name, seed, lr, rows, tasks=("t0", "t1"), **config_keys):
 def test_cbd_report_groups_seeds_skips_unfinished_and_writes_three_formats(tmp_path, capsys):
     runs = tmp_path / "runs"
     # final average of mean_R@1: (15 + a) + (15 + b) / 2 with rows [a0, b0], [a1, b1], [a2, b2]
-    _fake_run(runs, "cbd_s0", 0, 1e-3, [[0, 0], [40, 5], [30, 50]])  # Avg 55, LA 60, F 10, FWT 5
-    _fake_run(runs, "cbd_s1", 1, 1e-3, [[0, 0], [50, 15], [40, 60]])  # Avg 65, LA 70, F 10, FWT 15
+    # Final avg 55, MTIL Avg ((55 + 45) / 2 + (20 + 65) / 2) / 2 = 46.25, LA 60, F 10, FWT 5, Initial avg 15
+    _fake_run(runs, "cbd_s0", 0, 1e-3, [[0, 0], [40, 5], [30, 50]])
+    # Final avg 65, MTIL Avg ((65 + 55) / 2 + (30 + 75) / 2) / 2 = 56.25, LA 70, F 10, FWT 15, Initial avg 15
+    _fake_run(runs, "cbd_s1", 1, 1e-3, [[0, 0], [50, 15], [40, 60]])
     _fake_run(runs, "cbd_s2", 2, 1e-3, [[0, 0], [45, 10]])  # unfinished: 1 of 2 tasks
     _fake_run(runs, "cbd_lr_s0", 0, 2e-3, [[0, 0], [10, 0], [0, 20]])  # another lr: its own group
     (runs / "notes").mkdir()  # not a run
@@ -198,9 +213,11 @@ def test_cbd_report_groups_seeds_skips_unfinished_and_writes_three_formats(tmp_p
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     markdown = (out / "report.md").read_text()
     assert markdown in printed
-    assert "| synthetic (2 tasks) | cbd | 2 (0, 1) | 60.0 ± 7.1 | 65.0 ± 7.1 | 10.0 ± 0.0 | -10.0 ± 0.0 | " \
-           "10.0 ± 7.1 |" in markdown
-    assert "| synthetic (2 tasks) | cbd_lr | 1 (0) | 25.0 | 30.0 | 10.0 |" in markdown  # one seed: no ± std
+    assert markdown.startswith("| scenario | method | seeds | Final avg | MTIL Avg | LA | F | BWT | FWT | Transfer | "
+                               "Initial avg | cum. Final avg | s / epoch |")
+    assert "| synthetic (2 tasks) | cbd | 2 (0, 1) | 60.0 ± 7.1 | 51.2 ± 7.1 | 65.0 ± 7.1 | 10.0 ± 0.0 | " \
+           "-10.0 ± 0.0 | 10.0 ± 7.1 | 25.0 ± 7.1 | 15.0 ± 0.0 | 55.0 ± 7.1 | 2.00 ± 0.00 |" in markdown
+    assert "| synthetic (2 tasks) | cbd_lr | 1 (0) | 25.0 | 22.5 | 30.0 | 10.0 |" in markdown  # one seed: no ± std
     assert "left out:" in markdown and "cbd_s2: unfinished (1/2 tasks trained)" in markdown
     assert "notes: no metrics.json" in markdown
     assert "cbd_s2" not in markdown.split("\n\n")[0]  # not in the table
@@ -209,9 +226,24 @@ def test_cbd_report_groups_seeds_skips_unfinished_and_writes_three_formats(tmp_p
     assert rows["cbd"]["per_task_final_average_mean"] == "60.00" and rows["cbd"]["seeds"] == "0 1"
     assert rows["cbd"]["seconds_per_epoch_mean"] == "2.000"  # median of task 2's epochs, not task 1's 9 s
     assert rows["cbd"]["cumulative_final_average_mean"] == "55.00"
+    assert rows["cbd"]["per_task_mtil_average_mean"] == "51.25" and rows["cbd"]["per_task_mtil_average_std"] == "7.07"
+    assert rows["cbd"]["per_task_initial_average_mean"] == "15.00"
     assert rows["cbd_lr"]["per_task_final_average_std"] == ""
     latex = (out / "report.tex").read_text()
     assert r"\begin{tabular}" in latex and r"cbd\_lr" in latex and r"$60.0 \pm 7.1$" in latex
+    assert "Final avg & MTIL Avg & LA" in latex and r"Initial avg & cum. Final avg & s / epoch \\" in latex
+
+
+def test_cbd_report_latex_escapes_every_special_character(tmp_path):
+    _fake_run(tmp_path, "cbd_s0", 0, 1e-3, [[0, 0], [40, 5], [30, 50]])
+    report = compare.build_report([tmp_path / "cbd_s0"])
+    report.groups[0].method = "a_b%c&d#e$f{g}h~i^j\\k"
+    report.groups[0].scenario = "x^2 ~ {y}"
+    latex = compare.to_latex(report)
+    assert latex.splitlines()[1] == r"% needs \usepackage{booktabs}"
+    row = latex.splitlines()[6]
+    assert row.startswith(r"x\textasciicircum{}2 \textasciitilde{} \{y\} & a\_b\%c\&d\#e\$f\{g\}h\textasciitilde{}i"
+                          r"\textasciicircum{}j\textbackslash{}k & 1 & $55.0$"), row
 
 
 def test_cbd_report_names_what_differs_between_groups_with_one_name(tmp_path, capsys):
@@ -235,7 +267,7 @@ def test_cbd_report_pairs_each_method_with_the_baseline_seed_by_seed(tmp_path, c
     def paired_row(paths):
         assert compare.main([*map(str, paths), "--out", str(tmp_path / "r")]) == 0
         markdown = capsys.readouterr().out
-        assert "Paired against `finetune`" in markdown
+        assert "Paired against `finetune`" in markdown and "| Δ Final avg (95 % CI) | beyond noise |" in markdown
         # the paired table's row: its third column is a bare count (the main table lists the seeds)
         return next(line for line in markdown.splitlines() if line.startswith("| synthetic (2 tasks) | cbd |")
                     and line.split("|")[3].strip().isdigit())
@@ -269,7 +301,7 @@ def test_cbd_report_joins_a_weight_sweep_into_a_curve(tmp_path, capsys):
     assert compare.main([*map(str, sorted(runs.iterdir())), "--out", str(tmp_path / "r")]) == 0
     markdown = capsys.readouterr().out
     assert ("- synthetic (2 tasks), cbd: ×0.3 (cbd_w0.3): 55.0 / 10.0; ×1 (cbd): 55.0 / 10.0; ×3 (cbd_w3): 55.0 / "
-            "10.0") in markdown
+            "10.0") in markdown and "Final avg / F per multiple" in markdown
 
 
 def test_cbd_report_without_finished_runs(tmp_path, capsys):

@@ -47,7 +47,7 @@ def test_train_outputs_and_exact_resume(tmp_path, capsys):
     finally:
         os.umask(old_umask)
     printed = capsys.readouterr().out
-    assert "forgetting" in printed and "Avg (final)" in printed and "FWT" in printed
+    assert "forgetting" in printed and "Final avg" in printed and "FWT" in printed
     run = tmp_path / "runs" / "cbd_s3"
     for name in ("config.yaml", "metrics.json", "metrics.csv", "accuracy_matrix.png", "task_curves.png",
                  "checkpoints/last.pt"):

@@ -39,11 +39,22 @@ from .report import save_figure, write_file
 # the seed and the evaluation batch size (the thread count, device and number of processes change only last bits,
 # which training amplifies: see the README on threads).
 NON_DEFINING_KEYS = (*RESUMABLE_KEYS, "seed", "eval.batch_size")
-# (gallery, summary, column title) of the table; values of the chosen metric
-COLUMNS = (("per_task", "final_average", "Avg"), ("per_task", "learning_accuracy", "LA"),
-           ("per_task", "forgetting", "F"), ("per_task", "backward_transfer", "BWT"),
-           ("per_task", "forward_transfer", "FWT"), ("per_task", "transfer", "Transfer"),
-           ("cumulative", "final_average", "cum. Avg"))
+# (gallery, summary, column title) of the table; values of the chosen metric. "Final avg" (the final average,
+# MTIL's "Last") is named apart from MTIL's "Avg" (each task's mean over the rows after tasks 1..t).
+COLUMNS = (("per_task", "final_average", "Final avg"), ("per_task", "mtil_average", "MTIL Avg"),
+           ("per_task", "learning_accuracy", "LA"), ("per_task", "forgetting", "F"),
+           ("per_task", "backward_transfer", "BWT"), ("per_task", "forward_transfer", "FWT"),
+           ("per_task", "transfer", "Transfer"), ("per_task", "initial_average", "Initial avg"),
+           ("cumulative", "final_average", "cum. Final avg"))
+
+
+def _column(gallery: str, summary: str) -> int:
+    """Position of ``summary`` of ``gallery`` in COLUMNS, and so in a report row."""
+    return [(g, s) for g, s, _ in COLUMNS].index((gallery, summary))
+
+
+# the two summaries the plot and the sweeps show
+FINAL_AVERAGE, FORGETTING = _column("per_task", "final_average"), _column("per_task", "forgetting")
 TIMING_NOTE = ("s / epoch: per run, the median over every epoch of tasks 2..N (the tasks trained with a teacher; "
                "training steps only, evaluation excluded), then mean ± std over the group's runs — the same epochs "
                "for every method; compare it only between runs made on the same machine under the same load")
@@ -209,16 +220,18 @@ def _seeds(group: Group) -> str:
 def legend(report: Report) -> list[str]:
     return [f"Metric: {report.metric} (DESIGN §7), mean ± sample std over the runs of a group; a group's runs have "
             "equal configs except the seed (which also draws the synthetic data); n/a: undefined (e.g. fewer than "
-            "2 tasks) or not evaluated. Avg = final average over tasks, LA = learning accuracy, F = forgetting "
-            "(Chaudhry), BWT/FWT (Lopez-Paz & Ranzato, FWT against the pre-training row), Transfer (MTIL), "
-            "cum. Avg = final average in the cumulative gallery.", TIMING_NOTE]
+            "2 tasks) or not evaluated. Final avg = final average over the tasks once the last is trained (MTIL's "
+            "Last), MTIL Avg = MTIL's Avg (each task's mean over the rows after tasks 1..t, those before it is "
+            "trained included, averaged over tasks), LA = learning accuracy, F = forgetting (Chaudhry), BWT/FWT "
+            "(Lopez-Paz & Ranzato, FWT against the pre-training row), Transfer (MTIL), Initial avg = average before "
+            "training (row 0), cum. Final avg = final average in the cumulative gallery.", TIMING_NOTE]
 
 
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (1..20); beyond 20 the value at 20 (conservative).
 T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086)
 # (summary, column title) of the paired comparison
-PAIRED_COLUMNS = (("final_average", "Δ Avg"), ("forgetting", "Δ F"))
+PAIRED_COLUMNS = (("final_average", "Δ Final avg"), ("forgetting", "Δ F"))
 
 
 @dataclass
@@ -286,16 +299,16 @@ def paired_markdown(report: Report, baseline: str) -> list[str]:
 
 
 def sweep_markdown(report: Report) -> list[str]:
-    """One line per weight sweep (:func:`sweep_curves`): the groups in order of scale with Avg and F."""
+    """One line per weight sweep (:func:`sweep_curves`): the groups in order of scale with Final avg and F."""
     if not (curves := sweep_curves(report)):
         return []
     lines = ["Weight sweeps (each method's loss weights at a multiple × of its defaults; joined in the plot): "
-             "Avg / F per multiple, means over seeds."]
+             "Final avg / F per multiple, means over seeds."]
     for curve in curves:
         first = report.groups[curve[0][1]]
         points = []
         for scale, index in curve:
-            (avg, _), (forget, _) = report.cells[index][0], report.cells[index][2]
+            (avg, _), (forget, _) = report.cells[index][FINAL_AVERAGE], report.cells[index][FORGETTING]
             points.append(f"×{scale:g} ({report.groups[index].method}): {_cell(avg, None, 1)} / "
                           f"{_cell(forget, None, 1)}")
         lines.append(f"- {first.scenario}, {first.runs[0].config['method']}: " + "; ".join(points))
@@ -337,14 +350,20 @@ def to_csv(report: Report) -> str:
     return stream.getvalue()
 
 
+# LaTeX's special characters in text mode and what typesets each as itself (one pass: a replacement's own
+# backslash and braces are not escaped again)
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                 "^": r"\textasciicircum{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$"}
+
+
 def _latex_escape(text: str) -> str:
-    return re.sub(r"([_%&#$])", r"\\\1", text)
+    return re.sub(r"[\\{}~^_%&#$]", lambda match: LATEX_SPECIAL[match.group()], text)
 
 
 def to_latex(report: Report) -> str:
     header = ["Scenario", "Method", "Seeds", *report.headers]
     lines = ["% cbd-report: " + _latex_escape(f"{report.metric}, mean ± std over seeds; notes in report.md"),
-             r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
+             r"% needs \usepackage{booktabs}", r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
              " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
     for group, row in zip(report.groups, report.cells):
         cells = [_cell(m, s, _digits(c), r" \pm ") for c, (m, s) in enumerate(row)]
@@ -409,7 +428,7 @@ def plot_stability_plasticity(report: Report, path: pathlib.Path) -> None:
                        run.value("per_task", "final_average", report.metric)) for run in group.runs]
             points = [p for p in points if None not in p]
             ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, alpha=0.35, color=color)
-            (avg, avg_std), (forget, forget_std) = row[0], row[2]
+            (avg, avg_std), (forget, forget_std) = row[FINAL_AVERAGE], row[FORGETTING]
             if avg is not None and forget is not None:
                 marker = "osD^v"[index // 10 % 5]  # 10 colours: groups beyond them differ in marker
                 ax.errorbar(forget, avg, xerr=forget_std or 0.0, yerr=avg_std or 0.0, fmt=marker, color=color,
@@ -417,15 +436,16 @@ def plot_stability_plasticity(report: Report, path: pathlib.Path) -> None:
         for curve in curves:  # a method's weight sweep: its group means joined in order of scale
             if report.groups[curve[0][1]].scenario != scenario:
                 continue
-            means = [(report.cells[index][2][0], report.cells[index][0][0], scale) for scale, index in curve]
+            means = [(report.cells[index][FORGETTING][0], report.cells[index][FINAL_AVERAGE][0], scale)
+                     for scale, index in curve]
             means = [m for m in means if None not in m]
             color = f"C{curve[-1][1] % 10}"
             ax.plot([m[0] for m in means], [m[1] for m in means], "-", color=color, alpha=0.6, linewidth=1.2)
             for forget, avg, scale in means:
                 ax.annotate(f"×{scale:g}", (forget, avg), textcoords="offset points", xytext=(4, 4), fontsize=6,
                             color=color)
-        ax.set_xlabel(f"forgetting, {report.metric} (lower = more stable)")
-        ax.set_ylabel(f"final average, {report.metric}")
+        ax.set_xlabel(f"F: forgetting, {report.metric} (lower = more stable)")
+        ax.set_ylabel(f"Final avg: final average, {report.metric}")
         ax.set_title(scenario, fontsize=9)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

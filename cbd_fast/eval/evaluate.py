@@ -2,9 +2,12 @@
 
 Every caption of every test image is a query (``eval.captions: all``; ``first`` keeps one per image). The
 images of all tasks are encoded once and held; captions are encoded in batches sorted by token count, trimmed to
-their longest caption and scored against the images with ``maxsim`` in blocks, so the scoring holds
-``O(block · gallery chunk · (T + V))`` besides the ``[captions, images]`` float32 score matrix. Every gallery is
-a slice of that matrix:
+their longest caption and scored against the images with ``maxsim`` in blocks, so that besides the image features
+and the ``[captions, images]`` float32 score matrix the scoring holds one block of caption features and one
+call's ``[block, gallery chunk]`` scores (see ``SCORE_BLOCK_ELEMENTS``). The score matrix is kept whole: image→text
+ranks each image against every caption, class mAP sorts whole rows and a method's ``rescore`` replaces the whole
+matrix; the metrics then hold O(chunk · gallery) more (:data:`~cbd_fast.eval.metrics.CHUNK_ELEMENTS`). Every
+gallery is a slice of that matrix:
 
 * per-task gallery: task ``j``'s captions against task ``j``'s images;
 * cumulative gallery of task ``j`` after ``i`` trained tasks: the test sets of tasks ``1..max(i, j)`` together
@@ -19,15 +22,19 @@ from typing import Any
 import torch
 
 from ..maxsim import maxsim
-from .metrics import METRIC_NAMES, combine_directions, query_metrics, retrieval_metrics
+from .metrics import METRIC_NAMES, Matches, combine_directions, query_metrics, retrieval_metrics
 
 CAPTIONS = ("all", "first")
 PROMPT_SELECTION = ("key", "task_id")
 # Captions scored against the gallery in one pass (padded to the longest of them): large enough that the
 # per-call work dwarfs the overhead, small enough that the length sort keeps the padding low.
 TEXT_BLOCK = 1024
-# (caption, image, token) entries of one maxsim call: the CPU op keeps the per-pair maxima and their arg-max
-# (8 bytes per entry), so this bounds the scoring's working memory to 64 MiB whatever the gallery size.
+# (caption, image, token) entries of one maxsim call: a block of b captions is scored against chunks of
+# SCORE_BLOCK_ELEMENTS / (b · (T + V)) images, so a call returns b · chunk = SCORE_BLOCK_ELEMENTS / (T + V) scores
+# (512 KiB at T + V = 64). That output is what this bounds: the C++ CPU forward keeps no per-entry state (it folds
+# cache-sized similarity tiles into the pairs' maxima as they are made, holding besides its output only the token
+# coefficients and a fixed tile workspace of about 2 MiB per thread), and the torch backend holds at most
+# TORCH_BLOCK_ELEMENTS similarities whatever the call's size.
 SCORE_BLOCK_ELEMENTS = 2**23
 
 
@@ -69,10 +76,18 @@ class EvalItems:
     def caption_labels(self) -> torch.Tensor:
         return self.image_labels[self.caption_image]
 
-    def positive(self, caption_rows: slice, image_cols: slice) -> torch.Tensor:
-        """``[rows, cols]`` bool: caption q describes image g."""
-        images = torch.arange(image_cols.start, image_cols.stop)
-        return self.caption_image[caption_rows, None] == images[None, :]
+    def positive(self, caption_rows: slice, image_cols: slice) -> Matches:
+        """``[rows, cols]``: caption q describes image g, as ids (each caption's image index against the gallery
+        images' indices), so the metrics build it a row chunk at a time."""
+        return Matches(self.caption_image[caption_rows], torch.arange(image_cols.start, image_cols.stop))
+
+    def task_rows(self, task: int) -> slice:
+        """The captions of task ``task`` (0-based)."""
+        return slice(self.caption_start[task], self.caption_start[task + 1])
+
+    def task_cols(self, task: int) -> slice:
+        """The images of task ``task`` (0-based)."""
+        return slice(self.image_start[task], self.image_start[task + 1])
 
 
 def collect_test_items(tasks, captions: str = "all") -> EvalItems:
@@ -218,24 +233,40 @@ def evaluate_tasks(model, tasks, tasks_trained: int, device: torch.device, eval_
     task_id = eval_cfg["prompt_selection"] == "task_id"
     batch_size = eval_cfg["batch_size"]
     image = encode_images(model, tasks, device, batch_size, task_id)
-    rows = [slice(items.caption_start[j], items.caption_start[j + 1]) for j in range(len(tasks))]
-    cols = [slice(items.image_start[j], items.image_start[j + 1]) for j in range(len(tasks))]
-    text_labels, image_labels = items.caption_labels, items.image_labels
-
+    num_tasks = len(tasks)
     if eval_cfg["cumulative"]:  # one matrix over all tasks: every gallery is a slice of it
-        scores = score_captions(model, items, slice(0, len(items.captions)), image, slice(0, len(image_labels)),
+        scores = score_captions(model, items, slice(0, len(items.captions)), image, slice(0, len(items.image_task)),
                                 device, batch_size, task_id, rescore)
-        task_scores = [scores[rows[j], cols[j]] for j in range(len(tasks))]
-    else:  # only the per-task blocks
-        task_scores = [score_captions(model, items, rows[j], image, cols[j], device, batch_size, task_id, rescore)
-                       for j in range(len(tasks))]
+        return gallery_metrics(items, tasks_trained, names, scores=scores)
+    task_scores = [score_captions(model, items, items.task_rows(j), image, items.task_cols(j), device, batch_size,
+                                  task_id, rescore) for j in range(num_tasks)]  # only the per-task blocks
+    return gallery_metrics(items, tasks_trained, names, task_scores=task_scores)
+
+
+def gallery_metrics(items: EvalItems, tasks_trained: int, names: list[str], scores: torch.Tensor | None = None,
+                    task_scores: list[torch.Tensor] | None = None) -> dict[str, list[dict[str, float]]]:
+    """The record of :func:`evaluate_tasks` from the scores: exactly one of ``scores`` (``[Q, G]`` over every
+    task's test set: per-task and cumulative galleries) and ``task_scores`` (task ``j``'s captions against its own
+    images: per-task galleries only).
+
+    Positives are :meth:`EvalItems.positive` ids and class relevance label ids, built a row chunk at a time by the
+    metrics; the score matrix and its slices (views) are the only ``O(Q · G)`` memory.
+    """
+    if (scores is None) == (task_scores is None):
+        raise ValueError("gallery_metrics takes scores over every task or per-task scores, exactly one of them")
+    num_tasks = len(items.caption_start) - 1
+    rows = [items.task_rows(j) for j in range(num_tasks)]
+    cols = [items.task_cols(j) for j in range(num_tasks)]
+    if scores is not None:
+        task_scores = [scores[rows[j], cols[j]] for j in range(num_tasks)]
+    text_labels, image_labels = items.caption_labels, items.image_labels
     per_task = [retrieval_metrics(task_scores[j], items.positive(rows[j], cols[j]), text_labels[rows[j]],
                                   image_labels[cols[j]], where=f"{names[j]} (per-task gallery)")
-                for j in range(len(tasks))]
+                for j in range(num_tasks)]
     record: dict[str, list[dict[str, float]]] = {"per_task": per_task}
-    if eval_cfg["cumulative"]:
+    if scores is not None:
         record["cumulative"] = []
-        for j in range(len(tasks)):
+        for j in range(num_tasks):
             seen = max(tasks_trained, j + 1)  # the union of tasks 1..seen
             union_rows = slice(0, items.caption_start[seen])
             union_cols = slice(0, items.image_start[seen])
@@ -246,4 +277,3 @@ def evaluate_tasks(model, tasks, tasks_trained: int, device: torch.device, eval_
                                 image_labels[cols[j]], text_labels[union_rows], f"{where} (image→text)")
             record["cumulative"].append(combine_directions(t2i, i2t))
     return record
-

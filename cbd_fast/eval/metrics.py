@@ -1,12 +1,14 @@
 """Retrieval metrics and continual-learning summaries (DESIGN §7).
 
-Retrieval: ``scores[Q, G]`` ranks a gallery of ``G`` items for each of ``Q`` queries and the bool matrix
-``positive[Q, G]`` marks the matches — any number per query and per gallery item (five captions per image, a
-duplicated image or caption). A query's rank is the rank of its best-placed positive, and ties count against
-the query (the pessimistic rank): ``rank = 1 + #{non-positive g : scores[q, g] >= best positive score}``. A
-constant score matrix therefore ranks every query last but its positives, never first; non-finite scores are an
-error. Class labels, when every item has one, give the class-level mAP@all, with ties again ordered against the
-query (non-relevant items first within a tie).
+Retrieval: ``scores[Q, G]`` ranks a gallery of ``G`` items for each of ``Q`` queries and ``positive`` marks the
+matches — any number per query and per gallery item (five captions per image, a duplicated image or caption):
+either a bool matrix ``[Q, G]`` or :class:`Matches` (query and gallery ids, ``positive[q, g] = query_ids[q] ==
+gallery_ids[g]``), whose rows are built a chunk at a time, so that the metrics hold O(chunk · gallery) of it and
+nothing of size ``Q · G`` besides the scores. A query's rank is the rank of its best-placed positive, and ties
+count against the query (the pessimistic rank): ``rank = 1 + #{non-positive g : scores[q, g] >= best positive
+score}``. A constant score matrix therefore ranks every query last but its positives, never first; non-finite
+scores are an error. Class labels, when every item has one, give the class-level mAP@all, with ties again ordered
+against the query (non-relevant items first within a tie).
 
 Continual summaries: ``matrix[i][j]`` is a metric on task ``j + 1`` after training tasks ``1..i``; row 0 is the
 model before any training.
@@ -14,12 +16,14 @@ model before any training.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 RECALL_AT = (1, 5, 10)
-# Score entries a ranking pass holds at once (with its boolean and index temporaries): bounds the memory of the
-# metrics to O(chunk · gallery) whatever the number of queries.
+# Score entries a ranking pass holds at once (with its positives, boolean and index temporaries): bounds the memory
+# of the metrics to O(chunk · gallery) whatever the number of queries. Measured (torch CPU allocator peak): about
+# 10 bytes per entry for the ranks (40 MiB), about 49 for class mAP's sorts and float64 precisions (196 MiB).
 CHUNK_ELEMENTS = 2**22
 # Every key of retrieval_metrics (mAP only where class labels exist). Median rank is the one where lower is
 # better: the continual summaries are not computed for it.
@@ -28,12 +32,56 @@ METRIC_NAMES = tuple(f"{direction}_{name}" for direction in ("t2i", "i2t")
 LOWER_IS_BETTER = ("t2i_MedR", "i2t_MedR")
 
 
-def _check_scores(scores: torch.Tensor, positive: torch.Tensor, where: str) -> None:
+@dataclass(frozen=True)
+class Matches:
+    """A match relation given by ids: ``positive[q, g] = query_ids[q] == gallery_ids[g]``, ``[Q, G]``.
+
+    Caption→image retrieval: each caption's image index against the gallery images' indices (a duplicated image:
+    its index twice); class relevance: query labels against gallery labels. Equal to the dense bool matrix, but
+    :meth:`rows` builds it a row chunk at a time.
+    """
+
+    query_ids: torch.Tensor  # [Q] integer
+    gallery_ids: torch.Tensor  # [G] integer
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.query_ids.shape[0], self.gallery_ids.shape[0])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """``positive[start:stop]``: ``[stop - start, G]`` bool."""
+        return self.query_ids[start:stop, None] == self.gallery_ids[None, :]
+
+    def t(self) -> "Matches":
+        """The relation with queries and gallery swapped, ``[G, Q]`` (image→text from text→image)."""
+        return Matches(self.gallery_ids, self.query_ids)
+
+
+Positive = torch.Tensor | Matches  # a dense bool [Q, G] matrix or its ids
+
+
+def _positive_rows(positive: Positive, start: int, stop: int) -> torch.Tensor:
+    return positive.rows(start, stop) if isinstance(positive, Matches) else positive[start:stop]
+
+
+def _check_positive(positive: Positive, shape: tuple[int, ...], name: str, where: str) -> None:
+    if isinstance(positive, Matches):
+        ids = (positive.query_ids, positive.gallery_ids)
+        if any(x.dim() != 1 or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool
+               for x in ids) or positive.shape != shape:
+            raise ValueError(f"{where}: {name} ids must be integer vectors of [queries] and [gallery] = "
+                             f"{list(shape)} entries, got {[(x.dtype, tuple(x.shape)) for x in ids]}")
+    elif not isinstance(positive, torch.Tensor) or positive.shape != shape or positive.dtype != torch.bool:
+        got = (f"{positive.dtype} {tuple(positive.shape)}" if isinstance(positive, torch.Tensor)
+               else type(positive).__name__)
+        raise ValueError(f"{where}: {name} must be a bool matrix of the scores' shape {shape} or Matches, "
+                         f"got {got}")
+
+
+def _check_scores(scores: torch.Tensor, positive: Positive, where: str, name: str = "positive") -> None:
     if scores.dim() != 2:
         raise ValueError(f"{where}: scores must be a [queries, gallery] matrix, got shape {tuple(scores.shape)}")
-    if positive.shape != scores.shape or positive.dtype != torch.bool:
-        raise ValueError(f"{where}: positive must be a bool matrix of the scores' shape {tuple(scores.shape)}, "
-                         f"got {positive.dtype} {tuple(positive.shape)}")
+    _check_positive(positive, tuple(scores.shape), name, where)
     if scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"{where}: empty score matrix {tuple(scores.shape)}: no queries or no gallery items")
     # chunk by chunk: isfinite of the whole matrix would hold a float copy and two masks of it at once
@@ -48,16 +96,16 @@ def _row_chunks(num_rows: int, num_cols: int):
     return ((start, min(num_rows, start + step)) for start in range(0, num_rows, step))
 
 
-def best_positive_ranks(scores: torch.Tensor, positive: torch.Tensor, where: str = "scores") -> torch.Tensor:
+def best_positive_ranks(scores: torch.Tensor, positive: Positive, where: str = "scores") -> torch.Tensor:
     """1-based pessimistic rank of each query's best-placed positive: ``[Q]`` long.
 
     ``rank[q] = 1 + #{g not positive : scores[q, g] >= max_{p positive} scores[q, p]}``. A query without a
-    positive in the gallery is an error (its rank is undefined).
+    positive in the gallery is an error (its rank is undefined). ``positive``: bool ``[Q, G]`` or :class:`Matches`.
     """
     _check_scores(scores, positive, where)
     ranks = []
     for start, stop in _row_chunks(*scores.shape):
-        block, pos = scores[start:stop], positive[start:stop]
+        block, pos = scores[start:stop], _positive_rows(positive, start, stop)
         has_positive = pos.any(1)
         if not bool(has_positive.all()):
             query = start + int((~has_positive).nonzero()[0])
@@ -68,16 +116,17 @@ def best_positive_ranks(scores: torch.Tensor, positive: torch.Tensor, where: str
     return torch.cat(ranks)
 
 
-def average_precision(scores: torch.Tensor, relevant: torch.Tensor, where: str = "scores") -> torch.Tensor:
+def average_precision(scores: torch.Tensor, relevant: Positive, where: str = "scores") -> torch.Tensor:
     """AP over the whole ranking of each row, ties ordered against the query: ``[Q]`` float64.
 
     Within a group of equal scores the non-relevant items are ranked first, so the k-th relevant item of a tie
     group sits after all of the group's non-relevant ones. A row without any relevant item is an error.
+    ``relevant``: bool ``[Q, G]`` or :class:`Matches` (e.g. query labels against gallery labels).
     """
-    _check_scores(scores, relevant, where)
+    _check_scores(scores, relevant, where, "relevant")
     out = []
     for start, stop in _row_chunks(*scores.shape):
-        block, rel = scores[start:stop], relevant[start:stop]
+        block, rel = scores[start:stop], _positive_rows(relevant, start, stop)
         count = rel.sum(1)
         if not bool((count > 0).all()):
             query = start + int((count == 0).nonzero()[0])
@@ -91,13 +140,20 @@ def average_precision(scores: torch.Tensor, relevant: torch.Tensor, where: str =
     return torch.cat(out)
 
 
-def query_metrics(scores: torch.Tensor, positive: torch.Tensor, query_labels: torch.Tensor | None = None,
+def median_rank(ranks: torch.Tensor) -> float:
+    """``MedR`` of 1-based ``ranks[Q]`` as VSE++ and SCAN compute it, ``floor(median(ranks - 1)) + 1``: the middle
+    rank, and for an even count the floor of the mean of the two middle ranks (DESIGN §7)."""
+    middle = ranks.sort().values[[(len(ranks) - 1) // 2, len(ranks) // 2]]
+    return float(int(middle.sum()) // 2)
+
+
+def query_metrics(scores: torch.Tensor, positive: Positive, query_labels: torch.Tensor | None = None,
                   gallery_labels: torch.Tensor | None = None, where: str = "scores") -> dict[str, float]:
-    """One retrieval direction, queries in rows: ``R@1``, ``R@5``, ``R@10``, ``MRR`` (percent), ``MedR`` (rank)
-    and, when every query and gallery item has a class label (>= 0), ``mAP`` (class-level mAP@all, percent)."""
+    """One retrieval direction, queries in rows: ``R@1``, ``R@5``, ``R@10``, ``MRR`` (percent), ``MedR`` (rank,
+    :func:`median_rank`) and, when every query and gallery item has a class label (>= 0), ``mAP`` (class-level mAP@all, percent)."""
     ranks = best_positive_ranks(scores, positive, where)
     out = {f"R@{k}": 100.0 * (ranks <= k).double().mean().item() for k in RECALL_AT}
-    out["MedR"] = ranks.double().quantile(0.5).item()  # the mean of the two middle ranks for an even count
+    out["MedR"] = median_rank(ranks)
     out["MRR"] = 100.0 * (1.0 / ranks.double()).mean().item()
     if query_labels is not None and gallery_labels is not None:
         query_labels, gallery_labels = query_labels.reshape(-1).cpu(), gallery_labels.reshape(-1).cpu()
@@ -105,7 +161,7 @@ def query_metrics(scores: torch.Tensor, positive: torch.Tensor, query_labels: to
             raise ValueError(f"{where}: {query_labels.numel()} query and {gallery_labels.numel()} gallery labels "
                              f"for a {tuple(scores.shape)} score matrix")
         if bool((query_labels >= 0).all()) and bool((gallery_labels >= 0).all()):
-            relevant = query_labels[:, None] == gallery_labels[None, :]
+            relevant = Matches(query_labels, gallery_labels)
             out["mAP"] = 100.0 * average_precision(scores, relevant, where).mean().item()
     return out
 
@@ -120,9 +176,10 @@ def combine_directions(text_to_image: dict[str, float], image_to_text: dict[str,
     return out
 
 
-def retrieval_metrics(scores: torch.Tensor, positive: torch.Tensor, text_labels: torch.Tensor | None = None,
+def retrieval_metrics(scores: torch.Tensor, positive: Positive, text_labels: torch.Tensor | None = None,
                       image_labels: torch.Tensor | None = None, where: str = "scores") -> dict[str, float]:
-    """Both directions over one gallery: ``scores[Q_text, G_image]`` with ``positive[Q_text, G_image]``.
+    """Both directions over one gallery: ``scores[Q_text, G_image]`` with ``positive[Q_text, G_image]`` (bool or
+    :class:`Matches`).
 
     Text→image ranks each caption's image(s) among the images; image→text ranks the best-placed of each image's
     captions among the captions. Keys: see :func:`query_metrics` and :func:`combine_directions`.

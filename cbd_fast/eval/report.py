@@ -23,9 +23,10 @@ log = logging.getLogger("cbd_fast.eval")
 
 GALLERIES = ("per_task", "cumulative")
 GALLERY_TITLES = {"per_task": "per-task gallery", "cumulative": "cumulative gallery"}
-SUMMARY_TITLES = {"final_average": "Avg (final)", "learning_accuracy": "learning acc.", "forgetting": "forgetting",
+# the names cbd-report's columns use too: "Final avg" (MTIL's "Last") is not MTIL's "Avg"
+SUMMARY_TITLES = {"final_average": "Final avg", "learning_accuracy": "learning acc.", "forgetting": "forgetting",
                   "backward_transfer": "BWT", "forward_transfer": "FWT", "transfer": "Transfer (MTIL)",
-                  "mtil_average": "Avg (MTIL)", "initial_average": "before training"}
+                  "mtil_average": "MTIL Avg", "initial_average": "Initial avg"}
 PROTOCOL_NOTE = ("row 0 = before training, row i = after training task i; ties count against the query; "
                  "cumulative gallery of task j after i tasks = test sets of tasks 1..max(i, j)")
 
@@ -115,9 +116,9 @@ def write_reports(run_dir: pathlib.Path, document: dict[str, Any], plot_metric: 
 
 
 def _summary_line(summary: dict[str, float | None]) -> str:
-    parts = [(key, label) for key, label in (("final_average", "Avg"), ("forgetting", "forgetting"),
-                                             ("backward_transfer", "BWT"), ("forward_transfer", "FWT"))]
-    return " · ".join(f"{label} {format_number(summary[key], 1)}" for key, label in parts if summary[key] is not None)
+    keys = ("final_average", "forgetting", "backward_transfer", "forward_transfer")
+    return " · ".join(f"{SUMMARY_TITLES[key]} {format_number(summary[key], 1)}" for key in keys
+                      if summary[key] is not None)
 
 
 def save_figure(fig, path: pathlib.Path) -> None:
