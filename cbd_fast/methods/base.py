@@ -31,7 +31,7 @@ from torch import nn
 from ..maxsim import maxsim
 from ..model import TokenFeatures
 from ..train.losses import contrastive_loss, sample_distillation_loss
-from .frozen_text import FrozenTextCache
+from .frozen_features import FrozenFeatureCache
 
 COMMON_DEFAULTS: dict[str, Any] = {"prompt": 0.1}  # λ_p: weight of the prompt pull constraint (DESIGN §6)
 
@@ -115,17 +115,19 @@ def prompt_queries(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return model.query_image(batch["images"]), model.query_text(batch["ids"], batch["mask"])
 
 
-def encode(model, batch, queries, train_task: Optional[int], dist=None,
-           text: Optional[TokenFeatures] = None) -> Outputs:
+def encode(model, batch, queries, train_task: Optional[int], dist=None, text: Optional[TokenFeatures] = None,
+           image: Optional[TokenFeatures] = None) -> Outputs:
     """Token features and scores of ``model`` on ``batch`` with prompts chosen from ``queries`` (the slot of
-    ``train_task`` when given, else by key matching as at test time). ``text``: the batch's text features when
-    they are known already (only the image prompt is chosen then). With a distributed ``dist``
+    ``train_task`` when given, else by key matching as at test time). ``text``, ``image``: a tower's features of
+    the batch when they are known already (its prompt is not chosen again then). With a distributed ``dist``
     (:class:`cbd_fast.train.distributed.Distributed`) and ``batch["shard_sizes"]``, :meth:`Outputs.rows` gives
     the global batch's scores."""
     query_image, query_text = queries
-    image_prompt, text_prompt, pull = model.select_prompts(query_image, query_text if text is None else None,
+    image_prompt, text_prompt, pull = model.select_prompts(query_image if image is None else None,
+                                                           query_text if text is None else None,
                                                            train_task=train_task)
-    image = model.encode_image(batch["images"], prompt_index=image_prompt)
+    if image is None:
+        image = model.encode_image(batch["images"], prompt_index=image_prompt)
     if text is None:
         text = model.encode_text(batch["ids"], batch["mask"], prompt_index=text_prompt)
     distributed = dist is not None and dist.enabled and "shard_sizes" in batch
@@ -213,7 +215,7 @@ class Method(nn.Module):
         self.args = dict(args)
         self.trainer = trainer  # not a module: the model is saved by the loop, not in the method's state
         self._step_queries = None
-        self._text_cache: Optional[FrozenTextCache] = None  # the previous-task model's text outputs, per task
+        self._frozen_cache: Optional[FrozenFeatureCache] = None  # the previous-task model's outputs, per task
 
     @classmethod
     def check(cls, args: dict[str, Any]) -> None:
@@ -267,14 +269,17 @@ class Method(nn.Module):
         use_old = self.old_model is not None and self.trainer.train_cfg["prompt_query"] == "old_model"
         if not use_old:
             return prompt_queries(self.model, batch), False
-        return (self.old_model.query_image(batch["images"]), self._old_text(batch)[0]), True
+        return self._frozen().queries(batch), True
 
-    def _old_text(self, batch) -> tuple[torch.Tensor, TokenFeatures]:
-        """The previous-task model's text query ``[B,D]`` and prompted text features of the batch's captions,
-        from the task's :class:`~cbd_fast.methods.frozen_text.FrozenTextCache`."""
-        if self._text_cache is None or self._text_cache.model is not self.old_model:
-            self._text_cache = FrozenTextCache(self.old_model)
-        return self._text_cache.lookup(batch["ids"], batch["mask"])
+    def _frozen(self) -> FrozenFeatureCache:
+        """The task's :class:`~cbd_fast.methods.frozen_features.FrozenFeatureCache` of the previous-task model."""
+        if self._frozen_cache is None or self._frozen_cache.model is not self.old_model:
+            train = [task.train for task in self.trainer.tasks]
+            self._frozen_cache = FrozenFeatureCache(
+                self.old_model, lambda task: train[task].augment is not None,
+                captions=sum(len(captions) for dataset in train for captions in dataset.captions),
+                images=sum(len(dataset) for dataset in train if dataset.augment is None))
+        return self._frozen_cache
 
     def student(self, batch, task_index: int) -> Outputs:
         """The trained model's outputs, with the prompt slot of ``task_index``."""
@@ -288,11 +293,10 @@ class Method(nn.Module):
         Call after :meth:`student` in the same step."""
         if self.old_model is None:
             return None
-        query_image = self._step_queries[0] if self._step_queries is not None else \
-            self.old_model.query_image(batch["images"])
-        # the text features come with their prompt chosen from the model's own text query, as encode() would
-        return encode(self.old_model, batch, (query_image, None), train_task=None, dist=self.trainer.dist,
-                      text=self._old_text(batch)[1])
+        frozen = self._frozen()
+        queries = self._step_queries if self._step_queries is not None else frozen.queries(batch)
+        image, text = frozen.features(batch, queries)
+        return encode(self.old_model, batch, queries, train_task=None, dist=self.trainer.dist, text=text, image=image)
 
     def step_has_replay(self) -> bool:
         """Whether the global batch of a training step holds replay rows: the loop appends
