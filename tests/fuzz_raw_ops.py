@@ -161,11 +161,10 @@ def has_cpu_kernel(op_name: str) -> bool:
 class Corruption:
     """One argument of a valid call replaced. ``expect``: "error" (a clear error naming one of ``names``; None: any
     tensor argument, for a size that no longer matches the others), "same" (the valid call's result, or a clear
-    error naming the argument) or "valid" (a valid call of other sizes: its reference result)."""
+    error naming one of ``names``) or "valid" (a valid call of other sizes: its reference result)."""
 
     def __init__(self, name: str, kind: str, call: Call, expect: str = "error", names: set[str] | None = None):
-        self.name, self.kind, self.call, self.expect = name, kind, call, expect
-        self.names = {name} if names is None and expect != "error" else names
+        self.name, self.kind, self.call, self.expect, self.names = name, kind, call, expect, names
 
     def __str__(self):
         return f"{self.name}: {self.kind}"
@@ -174,8 +173,8 @@ class Corruption:
 def _tensor_corruptions(call: Call, name: str, x: torch.Tensor):
     """Wrong types, dtypes, ranks, sizes and device of tensor argument ``name``, and non-contiguous layouts of the
     same values."""
-    def corrupt(kind, value, expect="error", names=None):
-        return Corruption(name, kind, call.with_arg(name, value), expect, {name} if names is None else names)
+    def corrupt(kind, value, expect="error"):
+        return Corruption(name, kind, call.with_arg(name, value), expect, {name})
 
     yield corrupt("None", None)
     yield corrupt("list", x.tolist())
