@@ -29,6 +29,29 @@ def _op(qualified_name: str):
     return getattr(getattr(torch.ops, namespace), name)
 
 
+def register_checked_fake(op_name: str):
+    """``torch.library.register_fake(op_name)`` for a fake function that first refuses tensor arguments on more than
+    one device. A fake function runs for every call with a meta tensor among its arguments, real tensors of another
+    device included; the kernels refuse such a mixture, and without this check the call would return uninitialised
+    tensors on a real device."""
+    def decorator(fake):
+        names = [argument.name for argument in _op(op_name).default._schema.arguments]
+
+        def checked_fake(*args, **kwargs):
+            values = {**dict(zip(names, args)), **kwargs}
+            tensors = [(name, x) for name, x in values.items() if isinstance(x, torch.Tensor)]
+            first_name, first = tensors[0]
+            for name, x in tensors[1:]:
+                if x.device != first.device:
+                    raise RuntimeError(f"{op_name}: {name} must be on {first.device} ({first_name}'s device), got "
+                                       f"one on {x.device}")
+            return fake(*args, **kwargs)
+
+        return torch.library.register_fake(op_name)(checked_fake)
+
+    return decorator
+
+
 def forbid_double_backward(backward_name: str, op_name: str) -> None:
     """Registers an autograd formula for ``backward_name``, the fused backward of ``op_name``, that raises when a
     second derivative reaches it. Without one, autograd treats the op's outputs as constants (it only warns), and
@@ -50,11 +73,11 @@ def register_banzhaf_op(op_name: str, backward_name: str) -> None:
     """Fake functions and autograd of ``op_name(sim, text_mask, image_mask, text_weight, image_weight, num_samples,
     seed, estimator) -> (interaction, text_value, image_value)`` and of its fused backward ``backward_name``."""
 
-    @torch.library.register_fake(op_name)
+    @register_checked_fake(op_name)
     def _(sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
         return empty_banzhaf_outputs(sim, *sim.shape, result_dtype(sim.dtype))
 
-    @torch.library.register_fake(backward_name)
+    @register_checked_fake(backward_name)
     def _(grad_interaction, grad_text_value, grad_image_value, sim, text_mask, image_mask, text_weight,
           image_weight, num_samples, seed, estimator):
         return torch.empty_like(sim), torch.empty_like(text_weight), torch.empty_like(image_weight)
@@ -81,7 +104,7 @@ def register_from_tokens_op(op_name: str, sim_backward_name: str) -> None:
     """Fake function and autograd of ``op_name(text, image, text_mask, image_mask, text_weight, image_weight,
     num_samples, seed, estimator)``; ``sim_backward_name`` is the family's ``banzhaf_interaction_backward``."""
 
-    @torch.library.register_fake(op_name)
+    @register_checked_fake(op_name)
     def _(text, image, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator):
         return empty_banzhaf_outputs(text, text.shape[0], text.shape[1], image.shape[1], result_dtype(text.dtype))
 
@@ -112,11 +135,11 @@ def register_maxsim_score_op(op_name: str, backward_name: str) -> None:
     ``backward_name(grad, text, image, text_mask, image_mask, alpha, beta) -> (grad_text, grad_image, grad_alpha,
     grad_beta)``."""
 
-    @torch.library.register_fake(op_name)
+    @register_checked_fake(op_name)
     def _(text, image, text_mask, image_mask, alpha, beta):
         return text.new_empty((text.shape[0], image.shape[0]), dtype=result_dtype(text.dtype))
 
-    @torch.library.register_fake(backward_name)
+    @register_checked_fake(backward_name)
     def _(grad_score, text, image, text_mask, image_mask, alpha, beta):
         dtype = result_dtype(text.dtype)
         return (torch.empty_like(text, dtype=dtype), torch.empty_like(image, dtype=dtype), torch.empty_like(alpha),

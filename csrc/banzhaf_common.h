@@ -55,6 +55,25 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> msr_estimates(const MsrStr
   return {interaction, text_value, image_value};
 }
 
+// The output gradients given to banzhaf_interaction_backward, checked after the forward's arguments: floating, of
+// the outputs' shapes (interaction [B,T,V] like sim, text_value [B,T], image_value [B,V] like the masks), on sim's
+// device.
+inline void check_output_gradients(const char* op, const at::Tensor& grad_interaction,
+                                   const at::Tensor& grad_text_value, const at::Tensor& grad_image_value,
+                                   const at::Tensor& sim, const at::Tensor& text_mask, const at::Tensor& image_mask) {
+  auto check = [&](const char* name, const at::Tensor& grad, const at::Tensor& like, const char* shape_doc) {
+    TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op, ": ", name, " must be floating, got ",
+                grad.scalar_type());
+    TORCH_CHECK(grad.sizes() == like.sizes(), op, ": ", name, " must have shape ", shape_doc, " = ", like.sizes(),
+                ", got ", grad.sizes());
+    TORCH_CHECK(grad.device() == sim.device(), op, ": ", name, " must be on ", sim.device(),
+                " (sim's device), got one on ", grad.device());
+  };
+  check("grad_interaction", grad_interaction, sim, "[B,T,V]");
+  check("grad_text_value", grad_text_value, text_mask, "[B,T]");
+  check("grad_image_value", grad_image_value, image_mask, "[B,V]");
+}
+
 // x where mask, else 0, in dtype.
 inline at::Tensor masked_result(const at::Tensor& x, const at::Tensor& mask, at::ScalarType dtype) {
   return at::where(mask, x, at::zeros({}, x.options())).to(dtype);

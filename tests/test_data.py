@@ -632,7 +632,7 @@ def write_png_header(path: Path, width: int, height: int) -> None:
                      + chunk(b"IEND", b""))
 
 
-def test_a_decompression_bomb_is_a_bad_image(tmp_path):
+def test_a_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
     table, _ = make_bad_table(tmp_path, missing=False, corrupt=False)
     bomb = tmp_path / "bomb.png"
     write_png_header(bomb, 20000, 20000)  # 4·10⁸ pixels in 80 bytes: PIL refuses to decode it
@@ -643,6 +643,22 @@ def test_a_decompression_bomb_is_a_bad_image(tmp_path):
     assert tasks[0].train.skipped == [bomb] and len(tasks[0].train) == 6
     with pytest.raises(BadImageError, match=re.escape(str(bomb))):
         load_image(bomb, 16)
+
+    # Between Image.MAX_IMAGE_PIXELS and twice that PIL only warns, then decodes the image in full: a bad image too.
+    # The limit is lowered so that a 40×40 image (1600 pixels) is over it and the 28×20 ones are not.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    table, _ = make_bad_table(tmp_path / "warned", missing=False, corrupt=False)
+    over = table.parent / "over.png"
+    Image.new("L", (40, 40)).save(over)
+    table.write_text(table.read_text() + "over.png,just over the limit,train\n")
+    with pytest.raises(BadImageError, match=re.escape(str(over)) + ": DecompressionBombWarning"):
+        build_tasks({"scenario": "csv", "path": str(table)}, 16, 0)
+    tasks = build_tasks({"scenario": "csv", "path": str(table), "on_bad_image": "skip"}, 16, 0)
+    assert tasks[0].train.skipped == [over] and len(tasks[0].train) == 6
+    with pytest.raises(BadImageError, match=re.escape(str(over)) + ": DecompressionBombWarning"):
+        load_image(over, 16)
+    with pytest.warns(Image.DecompressionBombWarning):  # outside the checks PIL's warning is left a warning
+        Image.open(over).close()
 
 
 def test_a_bad_image_in_the_last_task_stops_the_build(tmp_path):

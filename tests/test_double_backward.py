@@ -7,28 +7,33 @@ import cbd_fast
 
 has_triton = cbd_fast.build_info()["triton"]
 requires_triton = pytest.mark.skipif(not has_triton, reason="triton not installed")
+# The CUDA backend's cases run on a GPU (.ci/gpu runs this file); here they are collected and skipped.
+requires_cuda_kernels = [pytest.mark.gpu,
+                         pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+                         pytest.mark.skipif(not cbd_fast.build_info()["cuda"], reason="CUDA kernels not compiled")]
 NO_SECOND_DERIVATIVE = r"cbd_fast::\w+ has no second derivative.*backend='torch'"
 
 
-def _features(seed=0, dtype=torch.float64):
+def _features(seed=0, dtype=torch.float64, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    text = torch.randn(2, 3, 4, generator=gen, dtype=dtype).requires_grad_()
-    image = torch.randn(2, 5, 4, generator=gen, dtype=dtype).requires_grad_()
+    text = torch.randn(2, 3, 4, generator=gen, dtype=dtype).to(device).requires_grad_()
+    image = torch.randn(2, 5, 4, generator=gen, dtype=dtype).to(device).requires_grad_()
     return text, image
 
 
-def _ops(backend):
-    """(name, function of differentiable inputs, inputs) for each public op on ``backend``, in float64."""
-    sim, text_mask, image_mask, text_weight, image_weight = random_game(2, 3, 4, seed=3)
+def _ops(backend, device="cpu"):
+    """(name, function of differentiable inputs, inputs) for each public op on ``backend``, in float64 on
+    ``device``."""
+    sim, text_mask, image_mask, text_weight, image_weight = (x.to(device) for x in random_game(2, 3, 4, seed=3))
     inputs = (sim.requires_grad_(), text_weight.requires_grad_(), image_weight.requires_grad_())
-    text, image = _features()
+    text, image = _features(device=device)
     return [
         ("banzhaf_interaction", lambda s, tw, iw: tuple(cbd_fast.banzhaf_interaction(
             s, text_mask, image_mask, tw, iw, num_samples=8, seed=1, backend=backend)), inputs),
         ("banzhaf_interaction_from_tokens", lambda x, y: tuple(cbd_fast.banzhaf_interaction_from_tokens(
             x, y, num_samples=8, seed=1, backend=backend)), (text, image)),
         ("maxsim", lambda x, y, tw: cbd_fast.maxsim(x, y, text_weight=tw, backend=backend),
-         (text, image, torch.randn(2, 3, dtype=torch.float64).requires_grad_())),
+         (text, image, torch.randn(2, 3, dtype=torch.float64).to(device).requires_grad_())),
     ]
 
 
@@ -56,10 +61,15 @@ def test_torch_backend_passes_gradgradcheck_for_every_estimator(estimator):
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=requires_extension),
+                                     pytest.param("cuda", marks=requires_cuda_kernels),
                                      pytest.param("triton", marks=requires_triton)])
 @pytest.mark.parametrize("index", range(3), ids=["banzhaf_interaction", "from_tokens", "maxsim"])
-def test_compiled_ops_refuse_second_derivatives(backend, index):
-    _, fn, inputs = _ops(backend)[index]
+def test_compiled_ops_refuse_second_derivatives(backend, index, kernel_device):
+    """First derivatives taken with create_graph=True through each compiled backend, on its device (Triton: the GPU
+    where there is one, else CPU under the interpreter), then a second backward: the clear error."""
+    device = {"cpu": torch.device("cpu"), "cuda": torch.device("cuda")}.get(backend, kernel_device)
+    _, fn, inputs = _ops(backend, device)[index]
+    assert all(x.device.type == device.type for x in inputs)
     first = _first_derivatives(fn, inputs, create_graph=True)
     with pytest.raises(RuntimeError, match=NO_SECOND_DERIVATIVE):
         torch.autograd.grad(sum((g * g).sum() for g in first), inputs)

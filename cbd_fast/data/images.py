@@ -5,7 +5,9 @@ normalised floats only when an item is read, so that a held dataset costs one by
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,17 +42,27 @@ class BadImageError(InputError, OSError):
     """An image file that exists but cannot be decoded (not an image, truncated, unreadable)."""
 
 
+@contextlib.contextmanager
+def _refusing_decompression_bombs():
+    """PIL raises DecompressionBombError for images of more than twice ``Image.MAX_IMAGE_PIXELS`` pixels, but only
+    warns (DecompressionBombWarning) between once and twice that, and then decodes them in full: within this
+    context the warning is raised as an error too, so that every image over the limit is a bad image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """Decode an image file to a ``uint8`` tensor ``[3, size, size]`` (RGB, resized and centre-cropped).
 
     Raises ``FileNotFoundError`` or :class:`BadImageError`, both naming ``path``.
     """
     try:
-        with Image.open(path) as image:
+        with _refusing_decompression_bombs(), Image.open(path) as image:
             rgb = resize_center_crop(image.convert("RGB"), size)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
-    except Exception as exc:  # any failure to decode, e.g. PIL's DecompressionBombError, which is no OSError
+    except Exception as exc:  # any failure to decode, e.g. PIL's DecompressionBombError/Warning, which are no OSError
         raise BadImageError(f"cannot decode image file {path}: {type(exc).__name__}: {exc}") from exc
     array = np.asarray(rgb, dtype=np.uint8)  # [size, size, 3]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
@@ -61,17 +73,19 @@ def image_file_problem(path: str | Path) -> str | None:
 
     ``verify()`` checks the structure, then a full decode (in JPEG draft mode: at reduced scale, still reading
     every byte) catches truncated files, which ``verify()`` alone lets through for JPEG. Images with more
-    pixels than PIL accepts (a decompression bomb: ``Image.MAX_IMAGE_PIXELS``) are rejected from their header.
+    pixels than ``Image.MAX_IMAGE_PIXELS`` (a possible decompression bomb; PIL itself only warns up to twice
+    that) are rejected from their header.
     """
     path = Path(path)
     if not path.is_file():
         return "file not found"
     try:
-        with Image.open(path) as image:
-            image.verify()
-        with Image.open(path) as image:  # verify() leaves the image unusable: reopen to decode
-            image.draft("RGB", (64, 64))
-            image.load()
+        with _refusing_decompression_bombs():
+            with Image.open(path) as image:
+                image.verify()
+            with Image.open(path) as image:  # verify() leaves the image unusable: reopen to decode
+                image.draft("RGB", (64, 64))
+                image.load()
     except Exception as exc:  # PIL raises many types for damaged files (OSError, SyntaxError, DecompressionBomb...)
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -909,10 +909,8 @@ Tensor3 banzhaf_interaction_backward_cpu(const at::Tensor& grad_interaction, con
                                          const at::Tensor& text_weight, const at::Tensor& image_weight,
                                          int64_t num_samples, int64_t seed, c10::string_view estimator) {
   const Game game = make_game(sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator);
-  TORCH_CHECK(grad_interaction.sizes() == sim.sizes(), "banzhaf_interaction_backward: grad_interaction must be ",
-              sim.sizes());
-  TORCH_CHECK(grad_text_value.sizes() == text_mask.sizes() && grad_image_value.sizes() == image_mask.sizes(),
-              "banzhaf_interaction_backward: value gradients must be [B,T] and [B,V]");
+  banzhaf_common::check_output_gradients("banzhaf_interaction_backward", grad_interaction, grad_text_value,
+                                         grad_image_value, sim, text_mask, image_mask);
   // Gradients of masked-out outputs do not flow.
   auto pair_mask = game.text_valid.unsqueeze(2).logical_and(game.image_valid.unsqueeze(1));
   auto zero = at::zeros({}, grad_interaction.options().dtype(at::kDouble));

@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "../coalitions_common.h"
 #include "../ops.h"
 #include "../philox.h"
 
@@ -25,10 +26,7 @@ void fill_side(at::Tensor& out, uint64_t seed, CoalitionSide side) {
 }  // namespace
 
 void fill_coalitions_cpu(at::Tensor& text_in, at::Tensor& image_in, int64_t seed) {
-  TORCH_CHECK(text_in.scalar_type() == at::kBool && image_in.scalar_type() == at::kBool,
-              "fill_coalitions: text_in and image_in must be bool");
-  TORCH_CHECK(text_in.dim() == 3 && image_in.dim() == 3, "fill_coalitions: expected text_in[K,B,T], image_in[K,B,V]");
-  TORCH_CHECK(text_in.is_contiguous() && image_in.is_contiguous(), "fill_coalitions: outputs must be contiguous");
+  coalitions_common::check_outputs(text_in, image_in);
   fill_side(text_in, static_cast<uint64_t>(seed), kTextSide);
   fill_side(image_in, static_cast<uint64_t>(seed), kImageSide);
 }

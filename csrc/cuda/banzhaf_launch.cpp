@@ -362,14 +362,8 @@ Tensor3 banzhaf_interaction_backward_cuda(const at::Tensor& grad_interaction, co
   const c10::cuda::CUDAGuard guard(sim.device());
   const CudaGame game =
       make_sim_game(op, sim, text_mask, image_mask, text_weight, image_weight, num_samples, seed, estimator);
-  TORCH_CHECK(grad_interaction.sizes() == sim.sizes(), op, ": grad_interaction must be ", sim.sizes(), ", got ",
-              grad_interaction.sizes());
-  TORCH_CHECK(grad_text_value.sizes() == text_mask.sizes() && grad_image_value.sizes() == image_mask.sizes(), op,
-              ": value gradients must be [B,T] and [B,V], got ", grad_text_value.sizes(), " and ",
-              grad_image_value.sizes());
-  check_device(op, "grad_interaction", grad_interaction, sim.device());
-  check_device(op, "grad_text_value", grad_text_value, sim.device());
-  check_device(op, "grad_image_value", grad_image_value, sim.device());
+  banzhaf_common::check_output_gradients(op, grad_interaction, grad_text_value, grad_image_value, sim, text_mask,
+                                         image_mask);
   if (sim.numel() == 0) {
     return {at::zeros_like(sim), at::zeros_like(text_weight), at::zeros_like(image_weight)};
   }

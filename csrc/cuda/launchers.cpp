@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "../coalitions_common.h"
 #include "../ops.h"
 #include "../philox.h"
 
@@ -13,10 +14,7 @@ void launch_fill_coalitions(bool* out, int64_t num_samples, int64_t batch, int64
                             cudaStream_t stream);
 
 void fill_coalitions_cuda(at::Tensor& text_in, at::Tensor& image_in, int64_t seed) {
-  TORCH_CHECK(text_in.scalar_type() == at::kBool && image_in.scalar_type() == at::kBool,
-              "fill_coalitions: text_in and image_in must be bool");
-  TORCH_CHECK(text_in.dim() == 3 && image_in.dim() == 3, "fill_coalitions: expected text_in[K,B,T], image_in[K,B,V]");
-  TORCH_CHECK(text_in.is_contiguous() && image_in.is_contiguous(), "fill_coalitions: outputs must be contiguous");
+  coalitions_common::check_outputs(text_in, image_in);
   const c10::cuda::CUDAGuard guard(text_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto useed = static_cast<uint64_t>(seed);
