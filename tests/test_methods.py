@@ -536,3 +536,19 @@ def test_frozen_feature_cache_trains_as_encoding_every_step(tmp_path, monkeypatc
     assert cache.keep and len(cache.rows) > 0 and no_cache.keep is False and no_cache.rows == {}
     for a, b in zip(cached.model.state_dict().values(), fresh.model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4)
+
+
+@needs_ops
+def test_cbd_terms_over_the_longest_caption_equal_those_over_the_padded_length(tmp_path, monkeypatch):
+    import cbd_fast.methods.cbd as cbd_module
+    trainer = after_first_task(make_trainer(tmp_path, "cbd"))
+    perturb(trainer.model)
+    batch = first_batch(trainer, 1)
+    padded = batch["mask"].shape[1]
+    assert cbd_module._text_length(batch["mask"]) < padded  # the tiny scenario's captions leave padding
+    trimmed = trainer.method.losses(batch, 1, step_seed=5).values()
+    monkeypatch.setattr(cbd_module, "_text_length", lambda mask: padded)
+    full = trainer.method.losses(batch, 1, step_seed=5).values()
+    assert trimmed.keys() == full.keys() and trimmed["banzhaf"] > 0 and trimmed["token"] > 0
+    for name in full:
+        assert trimmed[name] == pytest.approx(full[name], rel=1e-6, abs=1e-9), name
