@@ -209,6 +209,9 @@ class Method(nn.Module):
     replay: ClassVar[str] = "optional"
     sweep_weights: ClassVar[tuple[str, ...]] = ()
     REQUIRED_REPLAY: ClassVar[dict[str, Any]] = {"strategy": "reservoir", "size": 128, "batch_size": 16}
+    # Budget of the previous-task model's kept outputs per task (FrozenFeatureCache; None: its CACHE_BYTES, 0: keep
+    # none, so every step encodes its batch as the first does).
+    frozen_cache_bytes: Optional[int] = None
 
     def __init__(self, args: dict[str, Any], trainer) -> None:
         super().__init__()
@@ -278,7 +281,8 @@ class Method(nn.Module):
             self._frozen_cache = FrozenFeatureCache(
                 self.old_model, lambda task: train[task].augment is not None,
                 captions=sum(len(captions) for dataset in train for captions in dataset.captions),
-                images=sum(len(dataset) for dataset in train if dataset.augment is None))
+                images=sum(len(dataset) for dataset in train if dataset.augment is None),
+                max_bytes=self.frozen_cache_bytes)
         return self._frozen_cache
 
     def student(self, batch, task_index: int) -> Outputs:
