@@ -148,9 +148,10 @@ def _write_methods_summary(terminalreporter, config) -> None:
 def _eval_summary(info: dict, metrics: dict) -> list[str]:
     mib = 2**20
     return [
-        "| captions × images | mean tokens per caption (padded in blocks) | scoring | metrics (both directions) | "
-        "peak memory above the inputs | inputs (token features) |", "|---|---|---|---|---|---|",
-        f"| {info['num_captions']:,} × {info['num_images']:,} | {info['mean_caption_tokens']:.1f} "
+        "| captions × images | torch threads | mean tokens per caption (padded in blocks) | scoring | metrics (both "
+        "directions) | peak memory above the inputs | inputs (token features) |", "|---|---|---|---|---|---|---|",
+        f"| {info['num_captions']:,} × {info['num_images']:,} | {info.get('threads', '?')} "
+        f"| {info['mean_caption_tokens']:.1f} "
         f"({info['mean_padded_tokens']:.1f}) | {_format_time(info['scoring_s'])} | {_format_time(info['metrics_s'])} "
         f"| {info['peak_cpu_bytes'] / mib:,.0f} MiB | {info['feature_bytes'] / mib:,.0f} MiB |", "",
         "The peak holds the float32 score matrix (captions × images × 4 bytes) plus the chunked working memory of "

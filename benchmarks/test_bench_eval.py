@@ -1,6 +1,6 @@
 """CPU time and peak memory of the retrieval evaluation (DESIGN §7) at the size of the COCO 5k test split.
 
-Run from the repository root (the full size takes 15–30 minutes on 2 cores):
+Run from the repository root (the full size takes 5–10 minutes on 2 cores):
 
     python -m pytest benchmarks/test_bench_eval.py --benchmark-columns=median,rounds
 
@@ -119,7 +119,8 @@ def test_coco5k_sized_evaluation(benchmark, eval_record):
                 checked.append(torch.equal(scores[row:row + 1], expected))
     assert len(checked) == 16 and all(checked)
     feature_bytes = sum(t.tokens.numel() * 4 for _, t in blocks) + image.tokens.numel() * 4
-    benchmark.extra_info.update(num_captions=num_captions, num_images=num_images, peak_cpu_bytes=peak[0],
+    benchmark.extra_info.update(threads=torch.get_num_threads(), num_captions=num_captions, num_images=num_images,
+                                peak_cpu_bytes=peak[0],
                                 mean_caption_tokens=float(lengths.double().mean()),
                                 mean_padded_tokens=sum(t.tokens.shape[0] * t.tokens.shape[1] for _, t in blocks)
                                 / num_captions, feature_bytes=feature_bytes,
