@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, Hashable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..model import TokenFeatures
@@ -88,11 +89,9 @@ class FrozenFeatureCache:
 
     @staticmethod
     def _caption_keys(batch) -> list[Optional[Hashable]]:
-        keys = []
-        for ids, valid in zip(batch["ids"].cpu(), batch["mask"].cpu()):
-            length = int(valid.nonzero().max()) + 1 if bool(valid.any()) else 0
-            keys.append(ids[:length].numpy().tobytes() + valid[:length].numpy().tobytes())
-        return keys
+        ids, valid = batch["ids"].cpu().numpy(), batch["mask"].cpu().numpy()
+        lengths = (valid * np.arange(1, valid.shape[1] + 1)).max(1, initial=0)  # up to the last valid token
+        return [ids[i, :n].tobytes() + valid[i, :n].tobytes() for i, n in enumerate(lengths.tolist())]
 
     @torch.no_grad()
     def _lookup(self, table: str, keys: list[Optional[Hashable]], encode: Encode) -> tuple[torch.Tensor, ...]:
