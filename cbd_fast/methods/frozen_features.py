@@ -104,12 +104,11 @@ class FrozenFeatureCache:
             if key is not None and (table, key) not in self.rows:
                 self.rows[(table, key)] = tuple(column[0].clone() for column in encode([i]))
             rows.append(None if key is None else self.rows[(table, key)])
-        if all(row is not None for row in rows):
-            return tuple(torch.stack(column) for column in zip(*rows))
         fresh = [i for i, row in enumerate(rows) if row is None]
-        columns = encode(fresh)
-        for j, i in enumerate(fresh):
-            rows[i] = tuple(column[j] for column in columns)
+        if fresh:
+            columns = encode(fresh)
+            for j, i in enumerate(fresh):
+                rows[i] = tuple(column[j] for column in columns)
         return tuple(torch.stack(column) for column in zip(*rows))
 
     def _decide(self, batch) -> None:
