@@ -19,6 +19,11 @@
 // FMA, so no multiply-add is fused) and for the baseline instruction set; both run the same IEEE operations in the
 // same order and agree bit for bit. float64 sims are computed in float64, all others in float32; per-draw terms are
 // summed in that type over kFlushDraws draws, then added to float64 partial sums.
+//
+// Branches. Whether a token is in a draw's coalition is a coin flip, which no branch predictor guesses: a branch on
+// membership mispredicts about every other time. So per-token terms are selected by multiplying with 0 or 1 (exact
+// for the finite values involved) and member lists are compacted without a branch per token (as_one, members_of);
+// at the default training size (B = 32, T = 22, V = 17, K = 64) that made the forward 1.8× faster with the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -189,6 +194,21 @@ struct CoalitionSampler {
   }
 };
 
+// 1.0 or 0.0: a coin-flip membership selects a term by an exact multiplication, which no branch predictor has to
+// guess (x·1 = x, x·0 = 0 for the finite x it is applied to).
+C10_ALWAYS_INLINE double as_one(bool member) { return static_cast<double>(member); }
+
+// The indices i < n with in[i] set, in increasing order, written without a branch per index (see as_one).
+C10_ALWAYS_INLINE void members_of(const uint8_t* in, int64_t n, std::vector<int64_t>& out) {
+  out.resize(n);
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[count] = i;
+    count += in[i] != 0;
+  }
+  out.resize(count);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Vectors
 // ---------------------------------------------------------------------------------------------------------------
@@ -290,6 +310,7 @@ struct HalfGame {
   std::vector<T> alpha, h;            // [rows]: sd = alpha·δ − h·D_sel
   std::vector<double> g_d, h_d, w_out, w_with;  // [rows]: g, h, W(A'), W(A'∪r)
   std::vector<T> d_excl, d_full;      // [row_stride]: Σ w_t δ_t(c) over A ∖ r*, and over A
+  std::vector<T> w_loo;               // [col_stride]: w with 0 at r* during prepare(), else w
   int64_t heaviest = -1;              // r*: the member of largest weight
   double total_w = 0, total_w_excl = 0, top_sum = 0, top_sum_excl = 0;
 
@@ -299,7 +320,7 @@ struct HalfGame {
       : rows(rows_), cols(cols_), row_stride(row_stride_), col_stride(col_stride_), sim(sim_), sim_t(sim_t_), w(w_),
         wd(wd_), row_valid(row_valid_), col_valid(col_valid_), row_in(row_in_), col_in(col_in_), top1(col_stride),
         top2(col_stride), first(col_stride), second(col_stride), alpha(rows), h(rows), g_d(rows), h_d(rows),
-        w_out(rows), w_with(rows), d_excl(row_stride), d_full(row_stride) {
+        w_out(rows), w_with(rows), d_excl(row_stride), d_full(row_stride), w_loo(w_, w_ + col_stride) {
     member_rows.reserve(rows);
     member_cols.reserve(cols);
   }
@@ -317,22 +338,16 @@ struct HalfGame {
 
   // Σ_{A∖r} w_t max_C S[t,·] and W(A∖r) are top_sum_without(r) and w_out[r].
   double top_sum_without(int64_t r) const {
-    if (!row_in[r]) return top_sum;
-    return r == heaviest ? top_sum_excl : top_sum - wd[r] * static_cast<double>(top1[r]);
+    if (r == heaviest) return top_sum_excl;
+    return top_sum - wd[r] * static_cast<double>(top1[r]) * as_one(row_in[r]);
   }
 
   // Members, top-two maxima of every row over C (and the column of the second with kSecond), weights and
   // normalisers of every row, column sums of δ over the members.
   template <bool kSecond>
   C10_ALWAYS_INLINE void prepare() {
-    member_rows.clear();
-    member_cols.clear();
-    for (int64_t r = 0; r < rows; ++r) {
-      if (row_in[r]) member_rows.push_back(r);
-    }
-    for (int64_t c = 0; c < cols; ++c) {
-      if (col_in[c]) member_cols.push_back(c);
-    }
+    members_of(row_in, rows, member_rows);
+    members_of(col_in, cols, member_cols);
     if (!no_columns()) {
       // Columns in increasing order, rows in vector lanes: strict > keeps the lowest index of a tie.
       constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -358,14 +373,17 @@ struct HalfGame {
       if (member_cols.size() == 1) std::fill(top2.begin(), top2.end(), T(0));
     }
     heaviest = -1;
+    double heaviest_w = -1.0;  // every member weighs > 0; strict > keeps the first of equal weights
     for (const int64_t r : member_rows) {
-      if (heaviest < 0 || wd[r] > wd[heaviest]) heaviest = r;
+      const bool heavier = wd[r] > heaviest_w;
+      heaviest = heavier ? r : heaviest;
+      heaviest_w = heavier ? wd[r] : heaviest_w;
     }
     total_w_excl = top_sum_excl = 0;
-    for (const int64_t r : member_rows) {
-      if (r == heaviest) continue;
-      total_w_excl += wd[r];
-      if (!no_columns()) top_sum_excl += wd[r] * static_cast<double>(top1[r]);
+    for (const int64_t r : member_rows) {  // r* adds an exact 0
+      const double other = as_one(r != heaviest);
+      total_w_excl += wd[r] * other;
+      if (!no_columns()) top_sum_excl += wd[r] * static_cast<double>(top1[r]) * other;
     }
     total_w = heaviest < 0 ? 0.0 : total_w_excl + wd[heaviest];
     top_sum = heaviest < 0 || no_columns() ? 0.0 : top_sum_excl + wd[heaviest] * static_cast<double>(top1[heaviest]);
@@ -377,12 +395,13 @@ struct HalfGame {
         continue;
       }
       const bool member = row_in[r];
-      w_out[r] = member ? (r == heaviest ? total_w_excl : total_w - wd[r]) : total_w;  // W(A')
+      // Memberships are coin flips: selected by multiplying with 0 or 1 (exact), not by a branch.
+      w_out[r] = r == heaviest ? total_w_excl : total_w - wd[r] * as_one(member);  // W(A')
       w_with[r] = w_out[r] + wd[r];                                                     // W(A'∪r)
       g_d[r] = wd[r] / w_with[r];
       h_d[r] = num_members - member > 0 ? g_d[r] / w_out[r] : 0.0;  // A' = ∅: f(A', ·) = 0
       // sd = g δ − h (D_sel − [r ≠ r*] w_r δ) with D_sel the column sum over A (A ∖ r* for r*): alpha = g + h w_r.
-      alpha[r] = static_cast<T>(g_d[r] + (member && r != heaviest ? h_d[r] * wd[r] : 0.0));
+      alpha[r] = static_cast<T>(g_d[r] + h_d[r] * wd[r] * as_one(member & (r != heaviest)));
       h[r] = static_cast<T>(h_d[r]);
     }
     if (member_rows.empty()) {
@@ -391,16 +410,16 @@ struct HalfGame {
       return;
     }
     // Column sums, members in increasing order; the heaviest member is added last, to a sum of its own.
+    w_loo[heaviest] = T(0);
     const Index lane = V::lanes();
     for (int64_t c = 0; c < row_stride; c += kLanes) {
       const Index column = lane + static_cast<IndexT>(c);
       Vec excl{};
-      for (const int64_t t : member_rows) {
-        if (t != heaviest) excl += w[t] * delta(t, c, column);
-      }
+      for (const int64_t t : member_rows) excl += w_loo[t] * delta(t, c, column);  // r*'s term: an exact 0
       V::store(d_excl.data() + c, excl);
       V::store(d_full.data() + c, excl + w[heaviest] * delta(heaviest, c, column));
     }
+    w_loo[heaviest] = w[heaviest];
   }
 
   // Adds this draw's second differences (block[r * block_stride + c]), row effects f(A'∪r, C) − f(A', C) and
@@ -466,7 +485,7 @@ struct HalfGame {
         V::store(h_sum + c, V::load(h_sum + c) + coef * hr);
       }
       const double gd = static_cast<double>(V::sum(coef_delta)), gdd = static_cast<double>(V::sum(coef_d));
-      const double w_sel = row_in[r] && r != heaviest ? wd[r] : 0.0;
+      const double w_sel = wd[r] * as_one(row_in[r] & (r != heaviest));
       s.lg[r] = gd + (any_cols ? coef_row[r] * static_cast<double>(top1[r]) : 0.0);  // dL/dg_r
       s.lh[r] = -(gdd - w_sel * gd) - (any_cols ? coef_row[r] * top_sum_without(r) : 0.0);  // dL/dh_r
       r_sum += coef_row[r] * h_d[r];
@@ -507,7 +526,7 @@ struct HalfGame {
     for (int64_t t = 0; t < rows; ++t) {
       if (!row_valid[t]) continue;
       const bool member = row_in[t];
-      const T beta = static_cast<T>(g_d[t] + (member && t != heaviest ? wd[t] * h_d[t] : 0.0));
+      const T beta = static_cast<T>(g_d[t] + wd[t] * h_d[t] * as_one(member & (t != heaviest)));
       const T w_q = member ? w[t] : T(0);
       const T* q = t == heaviest ? s.q_star.data() : s.q.data();
       const T* coef_row_t = coef_sd + t * row_stride;
@@ -526,25 +545,25 @@ struct HalfGame {
           lost += routed;
         }
         V::store(out + c, V::load(out + c) + routed);
-        if (member) delta_q += delta(t, c, column) * V::load(q + c);
+        delta_q += delta(t, c, column) * V::load(q + c);  // used by members only; computed for all (see as_one)
       }
       double top_grad = 0;  // dL/d max_C S[t,·] through the row effects
-      double r_without = 0;  // Σ_{r≠t} coef_row[r] h_r
-      if (member) r_without = t == heaviest ? r_sum_excl : r_sum - coef_row[t] * h_d[t];
+      // Σ_{r≠t} coef_row[r] h_r for a member, 0 otherwise
+      const double r_without = (t == heaviest ? r_sum_excl : r_sum - coef_row[t] * h_d[t]) * as_one(member);
       if (any_cols) {
-        top_grad = coef_row[t] * g_d[t] - (member ? wd[t] * r_without : 0.0);
+        top_grad = coef_row[t] * g_d[t] - wd[t] * r_without;
         // δ_t(first) = max_C − max_{C∖first}: +1 to the arg-max, −1 to the second (a constant 0 when C = {first})
         const T d_first = coef_row_t[best_column] * beta + w_q * q[best_column];
         out[best_column] += (d_first + static_cast<T>(top_grad)) - V::sum(lost);
         if (member_cols.size() >= 2) out[second[t]] -= d_first;
       }
       double dw = (s.lg[t] * w_out[t] + (h_d[t] != 0 ? s.lh[t] : 0.0)) / (w_with[t] * w_with[t]);
-      if (member) {
-        dw += static_cast<double>(V::sum(delta_q));
-        if (t != heaviest) dw += h_d[t] * s.gd[t];
-        if (any_cols) dw -= static_cast<double>(top1[t]) * r_without;
-        dw += t == heaviest ? dw_excl : dw_total - s.dw_out[t];
-      }
+      double dw_member = dw + static_cast<double>(V::sum(delta_q));
+      if (t != heaviest) dw_member += h_d[t] * s.gd[t];
+      if (any_cols) dw_member -= static_cast<double>(top1[t]) * r_without;
+      dw_member += t == heaviest ? dw_excl : dw_total - s.dw_out[t];
+      const double dw_of[2] = {dw, dw_member};
+      dw = dw_of[member];
       grad_w[t] += dw;
     }
   }
