@@ -1,4 +1,5 @@
-"""The README as written: its Python example runs, and its default-scenario numbers are those of the stored runs."""
+"""The README as written: its Python example runs, and its results tables (the default and the 5-task scenario) are
+what cbd-report computes from the stored runs."""
 import contextlib
 import io
 import pathlib
@@ -21,12 +22,18 @@ def test_readme_example_runs():
     assert namespace["text"].grad is not None and namespace["text_weight"].grad is not None
 
 
-# ------------------------------------------------------------------ the default-scenario results and their runs
+# ------------------------------------------------------------------ the results sections and their runs
 
 RESULTS = README.parent / "benchmarks" / "results"
 RUNS = RESULTS / "training_default_cpu_runs"
 RUNS_2THREADS = RESULTS / "training_default_cpu_runs_2threads"
 RESULTS_PAGE = RESULTS / "training_default_cpu.md"
+# scenario -> (the README section's heading, its stored runs, its results page)
+SCENARIOS = {
+    "default": ("### Results on the default scenario", RUNS, RESULTS_PAGE),
+    "synthetic5": ("### Results on the 5-task scenario", RESULTS / "training_synthetic5_cpu_runs",
+                   RESULTS / "training_synthetic5_cpu.md"),
+}
 # the README's column suffix -> the cbd-report metric
 README_METRICS = {"R@1": "mean_R@1", "mAP": "t2i_mAP"}
 
@@ -45,9 +52,9 @@ def _tables(text: str) -> list[list[list[str]]]:
     return tables
 
 
-def _results_section() -> str:
+def _results_section(scenario: str) -> str:
     text = README.read_text()
-    start = text.index("### Results on the default scenario")
+    start = text.index(SCENARIOS[scenario][0])
     return text[start:text.index("\n#", start + 1)]
 
 
@@ -66,12 +73,12 @@ def _paired_rows(table: list[list[str]]) -> dict[str, dict[str, tuple[str, str]]
     return {row[1]: {titles[i]: (row[i], row[i + 1]) for i in range(3, len(row), 2)} for row in table[1:]}
 
 
-@pytest.fixture(scope="module")
-def regenerated(tmp_path_factory):
-    """cbd-report on the stored runs, once per metric of the README's tables (with `finetune` as the baseline, as
-    the README's command): ``{metric: (report, {method: {column: cell}}, {method: {column: (cell, beyond noise)}})}``
-    from the main and the paired table of its report.md."""
-    runs = sorted(RUNS.iterdir())
+@pytest.fixture(scope="module", params=sorted(SCENARIOS))
+def regenerated(request, tmp_path_factory):
+    """cbd-report on one scenario's stored runs, once per metric of the README's tables (with `finetune` as the
+    baseline, as the README's command): ``(scenario, {metric: (report, {method: {column: cell}}, {method: {column:
+    (cell, beyond noise)}})})`` from the main and the paired table of its report.md."""
+    runs = sorted(SCENARIOS[request.param][1].iterdir())
     out = {}
     for metric in README_METRICS.values():
         folder = tmp_path_factory.mktemp(metric.replace("@", ""))
@@ -79,11 +86,12 @@ def regenerated(tmp_path_factory):
             assert compare.main([*map(str, runs), "--out", str(folder), "--metric", metric]) == 0
         main_table, paired_table = _tables((folder / "report.md").read_text())
         out[metric] = (compare.build_report(runs, metric), _main_rows(main_table), _paired_rows(paired_table))
-    return out
+    return request.param, out
 
 
 def test_readme_results_table_is_what_cbd_report_computes_from_the_stored_runs(regenerated):
-    table = _tables(_results_section())[0]
+    scenario, regenerated = regenerated
+    table = _tables(_results_section(scenario))[0]
     header, rows = table[0], table[1:]
     assert header[:2] == ["method", "seeds"]
     methods = [row[0].strip("`") for row in rows]
@@ -103,7 +111,8 @@ def test_readme_results_table_is_what_cbd_report_computes_from_the_stored_runs(r
 
 
 def test_readme_paired_table_is_what_cbd_report_computes_from_the_stored_runs(regenerated):
-    table = _tables(_results_section())[1]
+    scenario, regenerated = regenerated
+    table = _tables(_results_section(scenario))[1]
     header, rows = table[0], table[1:]
     assert header[0].startswith("method − `finetune`")
     titles = [title.rsplit(" ", 1) for title in header[1:]]  # ("Δ Avg", "R@1"), ...
@@ -121,7 +130,8 @@ def test_readme_paired_table_is_what_cbd_report_computes_from_the_stored_runs(re
 
 
 def test_results_page_tables_are_what_cbd_report_writes(regenerated):
-    page = _tables(RESULTS_PAGE.read_text())
+    scenario, regenerated = regenerated
+    page = _tables(SCENARIOS[scenario][2].read_text())
     for metric, first in (("mean_R@1", 0), ("t2i_mAP", 2)):
         _, rows, paired = regenerated[metric]
         assert _main_rows(page[first]) == rows and _paired_rows(page[first + 1]) == paired, metric
