@@ -320,10 +320,7 @@ struct HalfGame {
       : rows(rows_), cols(cols_), row_stride(row_stride_), col_stride(col_stride_), sim(sim_), sim_t(sim_t_), w(w_),
         wd(wd_), row_valid(row_valid_), col_valid(col_valid_), row_in(row_in_), col_in(col_in_), top1(col_stride),
         top2(col_stride), first(col_stride), second(col_stride), alpha(rows), h(rows), g_d(rows), h_d(rows),
-        w_out(rows), w_with(rows), d_excl(row_stride), d_full(row_stride), w_loo(w_, w_ + col_stride) {
-    member_rows.reserve(rows);
-    member_cols.reserve(cols);
-  }
+        w_out(rows), w_with(rows), d_excl(row_stride), d_full(row_stride), w_loo(w_, w_ + col_stride) {}
 
   bool no_columns() const { return member_cols.empty(); }
 
@@ -395,7 +392,6 @@ struct HalfGame {
         continue;
       }
       const bool member = row_in[r];
-      // Memberships are coin flips: selected by multiplying with 0 or 1 (exact), not by a branch.
       w_out[r] = r == heaviest ? total_w_excl : total_w - wd[r] * as_one(member);  // W(A')
       w_with[r] = w_out[r] + wd[r];                                                     // W(A'∪r)
       g_d[r] = wd[r] / w_with[r];
