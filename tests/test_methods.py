@@ -540,14 +540,15 @@ def test_frozen_feature_cache_trains_as_encoding_every_step(tmp_path, monkeypatc
 
 @needs_ops
 def test_cbd_terms_over_the_longest_caption_equal_those_over_the_padded_length(tmp_path, monkeypatch):
-    import cbd_fast.methods.cbd as cbd_module
+    from cbd_fast.model import TokenFeatures
     trainer = after_first_task(make_trainer(tmp_path, "cbd"))
     perturb(trainer.model)
     batch = first_batch(trainer, 1)
     padded = batch["mask"].shape[1]
-    assert cbd_module._text_length(batch["mask"]) < padded  # the tiny scenario's captions leave padding
+    text = trainer.method.student(batch, 1).text
+    assert text.mask.shape[1] == padded > text.without_trailing_padding().mask.shape[1]  # captions leave padding
     trimmed = trainer.method.losses(batch, 1, step_seed=5).values()
-    monkeypatch.setattr(cbd_module, "_text_length", lambda mask: padded)
+    monkeypatch.setattr(TokenFeatures, "without_trailing_padding", lambda features: features)
     full = trainer.method.losses(batch, 1, step_seed=5).values()
     assert trimmed.keys() == full.keys() and trimmed["banzhaf"] > 0 and trimmed["token"] > 0
     for name in full:

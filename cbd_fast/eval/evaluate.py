@@ -133,13 +133,6 @@ def _concat(features):
                              pooled=torch.cat([f.pooled.float() for f in features]))
 
 
-def _trim(features):
-    """Drop trailing token columns that are padding in every row (they never enter a score)."""
-    length = int(features.mask.any(0).nonzero().max()) + 1 if bool(features.mask.any()) else 1
-    return type(features)(features.tokens[:, :length], features.mask[:, :length], features.weight[:, :length],
-                          features.pooled)
-
-
 @torch.no_grad()
 def encode_images(model, tasks, device: torch.device, batch_size: int, task_id: bool):
     """TokenFeatures of every test image ``[G, V, D]``; ``task_id`` = oracle prompt (each image its task's slot)."""
@@ -173,10 +166,10 @@ def encode_caption_blocks(model, captions: list[str], caption_task: torch.Tensor
         batch_ids, batch_mask = ids[rows].to(device), mask[rows].to(device)
         _, index, _ = model.select_prompts(None, model.query_text(batch_ids, batch_mask),
                                            task_id=caption_task[rows].to(device) if task_id else None)
-        pending.append(_trim(model.encode_text(batch_ids, batch_mask, prompt_index=index)))
+        pending.append(model.encode_text(batch_ids, batch_mask, prompt_index=index).without_trailing_padding())
         pending_rows.append(rows)
         if sum(len(r) for r in pending_rows) >= block or start + batch_size >= len(order):
-            yield torch.cat(pending_rows), _trim(_concat(pending))
+            yield torch.cat(pending_rows), _concat(pending).without_trailing_padding()
             pending, pending_rows = [], []
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from ..banzhaf import banzhaf_interaction
-from ..model import TokenFeatures
 from ..train.losses import InteractionPredictor, banzhaf_distillation_loss, token_similarity_loss
 from .base import Method, global_sample_distillation
 
@@ -62,8 +61,7 @@ class CBD(Method):
         # per-pair token similarity maps of matched pairs: S[b] = X[b] Y[b]^T, over the text positions up to the
         # batch's longest caption (the padding beyond is no player; the estimates of the others are bitwise those
         # over the padded length, for a third less of the kernels' work on the default captions)
-        length = _text_length(student.text.mask)
-        text, old_text = _text_prefix(student.text, length), _text_prefix(teacher.text, length)
+        text, old_text = student.text.without_trailing_padding(), teacher.text.without_trailing_padding()
         image, old_image = student.image, teacher.image
         sim = torch.bmm(text.tokens.float(), image.tokens.float().transpose(1, 2))
         old_sim = torch.bmm(old_text.tokens.float(), old_image.tokens.float().transpose(1, 2))
@@ -90,14 +88,3 @@ class CBD(Method):
             terms.add("banzhaf", banzhaf_distillation_loss(new_interaction, old_interaction, text_mask, image_mask,
                                                            args["banzhaf_temperature"]), args["banzhaf"])
         return terms
-
-
-def _text_length(mask: torch.Tensor) -> int:
-    """Positions up to the last valid text token of any row of ``mask[B,T]`` (at least 1)."""
-    valid = mask.any(0).nonzero()
-    return int(valid.max()) + 1 if valid.numel() else 1
-
-
-def _text_prefix(text: TokenFeatures, length: int) -> TokenFeatures:
-    """The first ``length`` text positions of ``text`` (``tokens[B,T,D]``, ``mask[B,T]``, ``weight[B,T]``)."""
-    return text._replace(tokens=text.tokens[:, :length], mask=text.mask[:, :length], weight=text.weight[:, :length])

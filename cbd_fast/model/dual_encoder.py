@@ -31,6 +31,14 @@ class TokenFeatures(NamedTuple):
     weight: torch.Tensor
     pooled: torch.Tensor
 
+    def without_trailing_padding(self) -> "TokenFeatures":
+        """The features over the token positions up to the last one valid in any row (at least 1): the positions
+        beyond are padding in every row, which enters no score and is no player of a game."""
+        valid = self.mask.any(0).nonzero()
+        length = int(valid.max()) + 1 if valid.numel() else 1
+        return self._replace(tokens=self.tokens[:, :length], mask=self.mask[:, :length],
+                             weight=self.weight[:, :length])
+
 
 class DualEncoderOutput(NamedTuple):
     """Result of :meth:`DualEncoder.forward`."""
